@@ -1,0 +1,308 @@
+"""Checkpoint files: atomic writes, weights snapshots, resume checkpoints, and one safe reader
+for every weights format the project meets.
+
+Formats read (never by unpickling arbitrary objects):
+- this project's snapshots: ``.safetensors`` with parameter names of ``model.GPT``;
+- nanoGPT / Sophia ``ckpt*.pt`` dicts (weights under ``"model"``, ``_orig_mod.`` and
+  ``module.`` prefixes), read with ``torch.load(weights_only=True)``;
+- Hugging Face model directories (``model.safetensors``, sharded or not, or
+  ``pytorch_model.bin``). GPT-2 directories are converted to ``model.GPT`` names; other
+  architectures (e.g. GPT-NeoX / Pythia) keep their own names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+SNAPSHOT_RE = re.compile(r"(\d+)")
+# Conv1D weights in Hugging Face GPT-2 are stored transposed relative to nn.Linear.
+HF_GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder, fsync it, then rename.
+
+    A crash at any moment leaves either the previous complete file or the new complete
+    file, never a partial one under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# key normalisation
+
+
+def strip_wrapper_prefixes(key: str) -> str:
+    """``module._orig_mod.transformer.h.0...`` -> ``transformer.h.0...`` (DDP / torch.compile)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def is_attention_mask(key: str) -> bool:
+    """Causal-mask buffers older GPT-2 code saved beside the weights (not parameters)."""
+    return key.endswith(".attn.bias") or key.endswith(".attn.masked_bias")
+
+
+def hf_gpt2_key(key: str) -> tuple[str, bool]:
+    """Hugging Face GPT-2 name -> (``model.GPT`` name, whether to transpose)."""
+    if not key.startswith(("transformer.", "lm_head.")):
+        key = "transformer." + key
+    return key, key.endswith(HF_GPT2_TRANSPOSED)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _load_pickle_safely(path: Path) -> dict:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # files in torch's legacy (non-zip) format cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds Python objects beyond tensors and plain "
+            f"containers, which could run code when unpickled ({str(e).splitlines()[0]}). "
+            "Convert it to safetensors where it was made."
+        ) from None
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({e}); re-save or remove it") from None
+
+
+class Weights:
+    """A lazy, read-only view of one checkpoint's tensors under normalised names.
+
+    ``get`` reads one tensor at a time (safetensors are memory-mapped), so a caller can
+    stream a model through memory tensor by tensor."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.metadata: dict[str, str] = {}
+        self.nbytes = 0  # size of the files this view reads
+        # name -> (reader, key inside the file, transpose, shape as stored)
+        self._index: dict[str, tuple[Callable[[str], torch.Tensor], str, bool, tuple[int, ...]]] = {}
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such checkpoint file or directory")
+        if self.path.is_dir():
+            self._open_hf_dir()
+        elif self.path.suffix == ".safetensors":
+            self._add_safetensors(self.path, rename=lambda k: (strip_wrapper_prefixes(k), False))
+            self.metadata = self._safetensors_metadata
+        else:
+            self._add_pickle(self.path, rename=lambda k: (strip_wrapper_prefixes(k), False))
+        if not self._index:
+            raise CheckpointError(f"{self.path}: holds no tensors")
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def get(self, name: str) -> torch.Tensor:
+        read, key, transpose, _ = self._index[name]
+        t = read(key)
+        return t.t().contiguous() if transpose else t
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor shapes, read from the headers only."""
+        return {k: shape[::-1] if transpose else shape for k, (_, _, transpose, shape) in self._index.items()}
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self._index:
+            yield k, self.get(k)
+
+    # -- formats ----------------------------------------------------------------------------
+
+    def _add_safetensors(self, file: Path, rename: Callable[[str], tuple[str, bool]]) -> None:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+            keys = list(handle.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e}); re-save or remove it") from None
+        self._safetensors_metadata = handle.metadata() or {}
+        self.nbytes += file.stat().st_size
+
+        def read(key: str, handle=handle, file=file) -> torch.Tensor:
+            try:
+                return handle.get_tensor(key)
+            except Exception as e:
+                raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from None
+
+        for key in keys:
+            if not is_attention_mask(key):
+                name, transpose = rename(key)
+                self._index[name] = (read, key, transpose, tuple(handle.get_slice(key).get_shape()))
+
+    def _add_pickle(self, file: Path, rename: Callable[[str], tuple[str, bool]]) -> None:
+        obj = _load_pickle_safely(file)
+        if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+            for key in ("model_args", "model_config"):  # nanoGPT / Sophia keep the model's shape here
+                if isinstance(obj.get(key), dict):
+                    self.metadata["model_config"] = json.dumps(obj[key])
+            obj = obj["model"]  # nanoGPT / Sophia / this project's resume checkpoint
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"{file}: expected a dict of tensors (or one under 'model')")
+        self.nbytes += file.stat().st_size
+        for key, tensor in obj.items():
+            if not is_attention_mask(key):
+                name, transpose = rename(key)
+                self._index[name] = (lambda _k, t=tensor: t, key, transpose, tuple(tensor.shape))
+
+    def _open_hf_dir(self) -> None:
+        config_file = self.path / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(
+                f"{self.path}: a directory without config.json is not a Hugging Face model; "
+                "point at a checkpoint file or a save_pretrained directory"
+            )
+        self.metadata = {"hf_config": config_file.read_text()}
+        hf = json.loads(self.metadata["hf_config"])
+        if hf.get("model_type") == "gpt2":
+            self.metadata["model_config"] = json.dumps(gpt2_config_from_hf(hf))
+        is_gpt2 = hf.get("model_type") == "gpt2"
+        rename = hf_gpt2_key if is_gpt2 else (lambda k: (k, False))
+        index = self.path / "model.safetensors.index.json"
+        if (self.path / "model.safetensors").exists():
+            self._add_safetensors(self.path / "model.safetensors", rename)
+        elif index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            for shard in shards:
+                self._add_safetensors(self.path / shard, rename)
+        elif (self.path / "pytorch_model.bin").exists():
+            self._add_pickle(self.path / "pytorch_model.bin", rename)
+        else:
+            raise CheckpointError(f"{self.path}: no model.safetensors, shard index or pytorch_model.bin found")
+        if is_gpt2:
+            self._index.pop("lm_head.weight", None)  # tied to transformer.wte.weight
+
+
+def gpt2_config_from_hf(hf: dict) -> dict:
+    """``model.GPTConfig`` fields of a Hugging Face GPT-2 config.json."""
+    return {
+        "block_size": hf["n_positions"],
+        "vocab_size": hf["vocab_size"],
+        "n_layer": hf["n_layer"],
+        "n_head": hf["n_head"],
+        "n_embd": hf["n_embd"],
+        "bias": True,
+        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
+    }
+
+
+def model_config_of(weights: Weights) -> dict | None:
+    """The GPT shape recorded with a checkpoint (our snapshots, nanoGPT's model_args,
+    a Hugging Face GPT-2 config), or None."""
+    text = weights.metadata.get("model_config")
+    return json.loads(text) if text else None
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint in any supported format, under normalised names."""
+    return dict(Weights(path).items())
+
+
+def check_compatible(reference: Weights, other: Weights) -> None:
+    """Raise a CheckpointError naming ``other`` if its tensor names or shapes differ."""
+    ref, got = reference.shapes(), other.shapes()
+    if ref == got:
+        return
+    missing, extra = sorted(ref.keys() - got.keys()), sorted(got.keys() - ref.keys())
+    shapes = [k for k in ref.keys() & got.keys() if ref[k] != got[k]]
+    detail = f"missing {missing[:3]}" if missing else f"extra {extra[:3]}" if extra else (
+        f"{shapes[0]}: {got[shapes[0]]} vs {ref[shapes[0]]}"
+    )
+    raise CheckpointError(
+        f"{other.path}: does not match {reference.path} ({detail}); "
+        "checkpoints averaged together must come from one architecture"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# this project's files
+
+
+def step_of(path: str | os.PathLike) -> int | None:
+    """Training step encoded in a checkpoint's name: the last number in it
+    (``step_00001000.safetensors``, ``ckpt_1000.pt``, ``step1000/``)."""
+    numbers = SNAPSHOT_RE.findall(Path(path).name.split(".")[0])
+    return int(numbers[-1]) if numbers else None
+
+
+def snapshot_name(step: int) -> str:
+    return f"step_{step:08d}.safetensors"
+
+
+def list_checkpoints(folder: str | os.PathLike) -> dict[int, Path]:
+    """Checkpoints in ``folder`` by step: safetensors / .pt / .bin files, and Hugging Face
+    directories; files being written (hidden temporaries) are ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory of checkpoints")
+    found: dict[int, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        usable = (entry.is_dir() and (entry / "config.json").exists()) or entry.suffix in (
+            ".safetensors", ".pt", ".bin", ".ckpt"
+        )
+        step = step_of(entry)
+        if entry.name.startswith(".") or not usable or step is None:
+            continue
+        if step in found:
+            raise CheckpointError(f"{folder}: {found[step].name} and {entry.name} both claim step {step}")
+        found[step] = entry
+    return dict(sorted(found.items()))
+
+
+def save_snapshot(path: str | os.PathLike, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Atomically write fp32 weights as safetensors; returns the file size in bytes."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return Path(path).stat().st_size
+
+
+def save_resume(path: str | os.PathLike, state: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_resume(path: str | os.PathLike) -> dict:
+    state = _load_pickle_safely(Path(path))
+    if not isinstance(state, dict) or "step" not in state or "model" not in state:
+        raise CheckpointError(f"{path}: not a resume checkpoint of this project")
+    return state

@@ -1,0 +1,52 @@
+"""Validation loss on a fixed set of held-out windows, sharded across ranks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from ewa.runtime import Runtime
+
+
+class Evaluator:
+    """Mean next-token cross-entropy over the same token windows for every model scored.
+
+    Rank r scores windows r, r + world, ...; the sums are all-reduced, so every rank
+    takes part and every rank returns the same figure."""
+
+    def __init__(self, windows: torch.Tensor, batch_size: int, runtime: Runtime):
+        self.runtime = runtime
+        self.batch_size = batch_size
+        self.total = len(windows)
+        self.local = windows[runtime.rank :: runtime.world_size]
+
+    @torch.no_grad()
+    def loss(self, model: nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        device = self.runtime.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for batch in self.local.split(self.batch_size):
+            batch = batch.to(device, non_blocking=True)
+            with self.runtime.autocast():
+                _, loss = model(batch[:, :-1], batch[:, 1:])
+            total += loss.double() * len(batch)
+        model.train(was_training)
+        return self.runtime.all_reduce_sum(total).item() / self.total
+
+
+@contextlib.contextmanager
+def swapped_weights(params: list[torch.Tensor], weights: list[torch.Tensor]) -> Iterator[None]:
+    """Temporarily load ``weights`` into ``params`` (e.g. an average into the live model, so
+    the compiled graph is reused for its evaluation), restoring the originals afterwards."""
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        torch._foreach_copy_(params, [w.to(p.device, p.dtype) for w, p in zip(weights, params)])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, backup)

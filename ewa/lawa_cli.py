@@ -1,0 +1,239 @@
+"""``lawa.py``: evaluate LAWA over a run's snapshots (or any folder of checkpoints) against the
+raw model, on the same fixed held-out tokens the training used.
+
+    python lawa.py out/tiny                               # k, nu, interval, start from the run's config
+    python lawa.py out/small --k=5 --nu=200 --interval=1000 --save_dir=out/small/lawa
+    torchrun --standalone --nproc_per_node=8 lawa.py out/small     # windows split across ranks
+    python lawa.py ckpts/ --config=out/small/config.json  # nanoGPT ckpt_*.pt, HF dirs, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ewa.checkpoint import CheckpointError, Weights, list_checkpoints, model_config_of, save_snapshot, snapshot_name
+from ewa.config import ConfigError, TrainConfig, config_from_dict, read_config_file
+from ewa.data import DataError, eval_windows, fingerprint, open_tokens, read_meta
+from ewa.evaluate import Evaluator
+from ewa.lawa import RunningAverage, Window, check_checkpoints, plan_windows, stream_averages, streaming_order
+from ewa.logger import MetricsLogger, NullRun, open_wandb, read_metrics
+from ewa.runtime import Runtime, init_runtime, shutdown
+from model import GPT, GPTConfig
+
+
+@dataclass
+class Source:
+    """Checkpoints to average and how to evaluate them."""
+
+    folder: Path
+    paths: dict[int, Path]
+    config: TrainConfig  # evaluation data and LAWA defaults
+    model_config: GPTConfig
+    run_dir: Path | None = None
+
+
+def load_eval_config(path: str | None, run_dir: Path | None) -> TrainConfig:
+    if path:
+        p = Path(path)
+        if p.suffix == ".json":
+            return config_from_dict(json.loads(p.read_text()))
+        return TrainConfig(**read_config_file(p))
+    if run_dir is not None:
+        return config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    return TrainConfig()
+
+
+def open_source(path: str | Path, kind: str = "raw", config: str | None = None) -> Source:
+    """A run directory (its ``snapshots/<kind>``) or any folder of checkpoints."""
+    path = Path(path)
+    run_dir = path if (path / "snapshots").is_dir() and (path / "config.json").exists() else None
+    folder = run_dir / "snapshots" / kind if run_dir else path
+    paths = list_checkpoints(folder)
+    if not paths:
+        raise CheckpointError(f"{folder}: no checkpoints found (expected files named by step, e.g. step_00001000.safetensors)")
+    cfg = load_eval_config(config, run_dir)
+    shape = model_config_of(Weights(paths[min(paths)]))
+    if shape is None:
+        if run_dir is None and config is None:
+            raise CheckpointError(
+                f"{paths[min(paths)]}: records no model shape; pass --config=<the run's config.json or config file>"
+            )
+        shape = dataclasses.asdict(cfg.model_config(read_meta(cfg.data_dir)["vocab_size"]))
+    return Source(folder, paths, cfg, GPTConfig.from_dict({**shape, "dropout": 0.0}), run_dir)
+
+
+def build_evaluator(source: Source, runtime: Runtime) -> tuple[GPT, Evaluator, str]:
+    """A model for the averaged weights and an evaluator over the run's fixed val windows
+    (each rank scores whole windows of LAWA on its own, so evaluation is not sharded)."""
+    cfg = source.config
+    tokens = open_tokens(cfg.data_dir, "val", source.model_config.block_size + 1)
+    windows = eval_windows(tokens, cfg.block_size, cfg.eval_windows())
+    local = dataclasses.replace(runtime, rank=0, world_size=1)
+    model = GPT(source.model_config).to(runtime.device)
+    return model, Evaluator(windows, cfg.eval_batch_size, local), fingerprint(windows)
+
+
+def evaluate_lawa(
+    windows: list[Window],
+    source: Source,
+    model: GPT,
+    evaluator: Evaluator,
+    save_dir: str | None = None,
+    progress: bool = True,
+) -> tuple[list[dict], RunningAverage]:
+    """Raw and LAWA val loss of each (complete) window, streaming; optionally saving each average."""
+    running = RunningAverage(source.paths, evaluator.runtime.device)
+    bar = (lambda it: tqdm(it, total=len(windows), desc="LAWA windows", unit="win")) if progress else iter
+    results = []
+    for window, average, raw in stream_averages(windows, running, progress=bar):
+        model.load_weights(raw)
+        raw_loss = evaluator.loss(model)
+        model.load_weights(average)
+        lawa_loss = evaluator.loss(model)
+        results.append({"kind": "lawa", "step": window.step, "raw": raw_loss, "lawa": lawa_loss, "members": list(window.members)})
+        if save_dir:
+            meta = {
+                "step": str(window.step),
+                "kind": "lawa",
+                "members": json.dumps(list(window.members)),
+                "model_config": json.dumps(dataclasses.asdict(source.model_config)),
+            }
+            save_snapshot(Path(save_dir) / snapshot_name(window.step), average, meta)
+    return results, running
+
+
+def format_table(results: list[dict], skipped: list[Window]) -> str:
+    lines = [f"{'step':>8} | {'raw':>8} | {'LAWA':>8} | {'delta':>8}", "-" * 41]
+    rows = {r["step"]: r for r in results}
+    for step in sorted(rows.keys() | {w.step for w in skipped}):
+        if step in rows:
+            r = rows[step]
+            lines.append(f"{step:>8} | {r['raw']:8.4f} | {r['lawa']:8.4f} | {r['lawa'] - r['raw']:+8.4f}")
+        else:
+            w = next(w for w in skipped if w.step == step)
+            lines.append(f"{step:>8} | skipped: no checkpoint at step(s) {', '.join(map(str, w.missing))}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lawa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a run directory, or a folder of checkpoints named by step")
+    p.add_argument("--k", type=int, help="checkpoints per window (default: the run's lawa_k)")
+    p.add_argument("--nu", type=int, help="steps between the window's checkpoints (default: lawa_nu)")
+    p.add_argument("--interval", type=int, help="steps between windows (default: lawa_interval)")
+    p.add_argument("--start", type=int, help="first window step (default: lawa_start)")
+    p.add_argument("--end", type=int, help="last window step (default: the last checkpoint)")
+    p.add_argument("--kind", default="raw", choices=["raw", "ema", "swa"], help="which snapshots of a run directory")
+    p.add_argument("--config", help="config.json of a run, or a config file, for a folder that is not a run")
+    p.add_argument("--data_dir", help="evaluation data (default: the run's)")
+    p.add_argument("--eval_tokens", type=int, help="held-out tokens (default: the run's)")
+    p.add_argument("--eval_batch_size", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda (default: the run's)")
+    p.add_argument("--dtype", help="auto, bfloat16, float32 (default: the run's)")
+    p.add_argument("--save_dir", help="also write each averaged checkpoint here (safetensors)")
+    p.add_argument("--out", help="JSONL of the results (default: <run>/lawa_k<k>_nu<nu>.jsonl)")
+    p.add_argument("--wandb_log", action="store_true")
+    p.add_argument("--wandb_run_name", default="")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Source, dict[str, int]]:
+    source = open_source(args.path, args.kind, args.config)
+    overrides = {k: getattr(args, k) for k in ("data_dir", "eval_tokens", "eval_batch_size", "device", "dtype")}
+    source.config = source.config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    cfg = source.config
+    plan = {
+        "k": args.k or cfg.lawa_k,
+        "nu": args.nu or cfg.lawa_nu,
+        "interval": args.interval or cfg.lawa_interval,
+        "start": cfg.lawa_start if args.start is None else args.start,
+    }
+    bad = [f"--{k}={v}" for k, v in plan.items() if v < (0 if k == "start" else 1)]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: k, nu and interval must be positive, start not negative")
+    return source, plan
+
+
+def check_fingerprint(source: Source, eval_fp: str) -> None:
+    if source.run_dir is None:
+        return
+    starts = [r for r in read_metrics(source.run_dir / "metrics.jsonl") if r.get("kind") == "start"]
+    if starts and starts[-1].get("eval_fingerprint") != eval_fp:
+        print(
+            f"warning: evaluating on other tokens than the training run did ({eval_fp} vs "
+            f"{starts[-1].get('eval_fingerprint')}): raw figures will not match its metrics.jsonl",
+            file=sys.stderr,
+        )
+
+
+def gather(results: list[dict], runtime: Runtime) -> list[dict]:
+    if not runtime.distributed:
+        return results
+    everyone: list[list[dict]] = [[] for _ in range(runtime.world_size)]
+    dist.all_gather_object(everyone, results)
+    return [r for part in everyone for r in part]
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    source, plan = resolve(args)
+    cfg = source.config
+    runtime = init_runtime(cfg.device, cfg.dtype)
+    try:
+        windows = plan_windows(list(source.paths), plan["interval"], plan["k"], plan["nu"], plan["start"], args.end)
+        if not windows:
+            raise CheckpointError(f"{source.folder}: no LAWA window fits (k={plan['k']}, nu={plan['nu']}, start={plan['start']})")
+        complete = streaming_order([w for w in windows if w.complete], plan["nu"])
+        check_checkpoints({s: source.paths[s] for w in complete for s in w.members})
+        mine = _chunk(complete, runtime)
+        model, evaluator, eval_fp = build_evaluator(source, runtime)
+        if runtime.master:
+            check_fingerprint(source, eval_fp)
+            print(f"LAWA k={plan['k']} nu={plan['nu']} interval={plan['interval']} start={plan['start']}: "
+                  f"{len(complete)} windows of {len(windows)} complete, over {len(source.paths)} checkpoints in {source.folder}")
+        results, _ = evaluate_lawa(mine, source, model, evaluator, args.save_dir, progress=runtime.master)
+        results = sorted(gather(results, runtime), key=lambda r: r["step"])
+        if runtime.master:
+            report(args, source, plan, results, [w for w in windows if not w.complete])
+        return results
+    finally:
+        shutdown(runtime)
+
+
+def _chunk(windows: list[Window], runtime: Runtime) -> list[Window]:
+    """A contiguous share of the streaming order, so each rank's running sum still slides."""
+    n, r, w = len(windows), runtime.rank, runtime.world_size
+    return windows[r * n // w : (r + 1) * n // w]
+
+
+def report(args: argparse.Namespace, source: Source, plan: dict, results: list[dict], skipped: list[Window]) -> None:
+    default_dir = source.run_dir or source.folder
+    out = Path(args.out) if args.out else default_dir / f"lawa_k{plan['k']}_nu{plan['nu']}.jsonl"
+    run = (
+        open_wandb("early-weight-averaging", args.wandb_run_name, source.config.wandb_mode, {**plan, "path": str(args.path)}, default_dir)
+        if args.wandb_log
+        else NullRun()
+    )
+    logger = MetricsLogger(out, run, echo=False, append=False)
+    for r in results:
+        logger.log({**r, **plan})
+    for w in skipped:
+        logger.log({"kind": "lawa_skipped", "step": w.step, "missing": list(w.missing), **plan})
+    logger.close()
+    print(format_table(results, skipped))
+    print(f"wrote {out}" + (f" and averaged checkpoints to {args.save_dir}" if args.save_dir else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(argv))
+    except (ConfigError, DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")

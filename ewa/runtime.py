@@ -1,0 +1,103 @@
+"""Process setup that runs the same script under ``python`` (one process, CPU or GPU) and
+under ``torchrun`` (one process per GPU with NCCL, or per CPU worker with gloo)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any rank (one small collective)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device} asked for, but no CUDA GPU is visible; use --device=cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+
+def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """Read torchrun's environment (if any), pick the device, start the process group."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    dev = _resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=int(os.environ.get("EWA_DIST_TIMEOUT_MIN", 30))),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return Runtime(rank, local_rank, world_size, dev, _resolve_dtype(dtype, dev))
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, *offsets: int) -> None:
+    """Seed torch's CPU and CUDA generators from ``seed`` and e.g. (step, rank): randomness
+    is then a function of where the run is, so a resumed run draws what the original drew."""
+    torch.manual_seed(hash((seed, *offsets)) & 0x7FFF_FFFF_FFFF_FFFF)

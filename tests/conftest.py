@@ -1,0 +1,78 @@
+"""Shared fixtures: a small real-text data set and tiny configs, all under tmp paths."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from ewa.config import TrainConfig  # noqa: E402
+from ewa.prepare import prepare_texts  # noqa: E402
+
+SHAKESPEARE = runpy.run_path(str(ROOT / "data" / "shakespeare" / "prepare.py"))
+
+
+@pytest.fixture(scope="session")
+def corpus() -> dict[str, str]:
+    """About 150 KB of real text: the first plays of the embedded corpus."""
+    plays = SHAKESPEARE["read_plays"]()[:2]
+    return SHAKESPEARE["split_plays"](plays)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, corpus) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    prepare_texts(out, corpus, "bytes", source="test")
+    return out
+
+
+def tiny_config(out_dir: Path, data_dir: Path, **overrides) -> TrainConfig:
+    """A 2-layer, 32-wide model on 32-byte blocks: a step takes milliseconds on a CPU."""
+    values = dict(
+        out_dir=str(out_dir),
+        data_dir=str(data_dir),
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=32,
+        max_steps=40,
+        tokens_per_step=512,
+        micro_batch_size=8,
+        learning_rate=1e-2,
+        min_lr=1e-3,
+        warmup_steps=5,
+        ema_decay=0.9,
+        lawa_k=3,
+        lawa_nu=10,
+        lawa_interval=10,
+        swa_lr=1e-3,
+        swa_anneal_steps=5,
+        swa_every=2,
+        eval_interval=10,
+        eval_tokens=2048,
+        eval_batch_size=16,
+        ckpt_interval=5,
+        resume_interval=10,
+        keep_resume=0,
+        log_interval=5,
+        device="cpu",
+        dtype="float32",
+        compile=False,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def write_config_file(path: Path, cfg: TrainConfig) -> Path:
+    """The config as a plain-Python config file, for the entry scripts."""
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.to_dict().items()))
+    return path

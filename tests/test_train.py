@@ -1,0 +1,133 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_config, write_config_file
+from ewa.checkpoint import CheckpointError, list_checkpoints, load_resume, load_weights
+from ewa.config import ConfigError
+from ewa.logger import read_metrics
+from ewa.train import run
+
+
+def evals(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"}
+
+
+def final_state(run_dir: Path) -> dict:
+    return load_resume(max(list_checkpoints(run_dir / "resume").items())[1])
+
+
+def test_tiny_run_learns_and_writes_its_files(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path / "run", data_dir)
+    last = run(cfg)
+    run_dir = Path(cfg.out_dir)
+    ev = evals(run_dir)
+    assert sorted(ev) == [0, 10, 20, 30, 40]
+    assert ev[40]["raw"] < ev[0]["raw"] - 1.5 and set(last) == {"raw", "ema"}
+    assert ev[40]["ema"] == last["ema"]
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert json.loads((run_dir / "config.json").read_text()) == cfg.to_dict()
+    for kind in ("raw", "ema"):
+        assert list(list_checkpoints(run_dir / "snapshots" / kind)) == list(range(0, 41, 5))
+    assert list(list_checkpoints(run_dir / "resume")) == [10, 20, 30, 40]
+    snap = load_weights(run_dir / "snapshots" / "raw" / "step_00000040.safetensors")
+    assert all(torch.equal(snap[k], v) for k, v in final_state(run_dir)["model"].items())
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
+    whole = tiny_config(tmp_path / "whole", data_dir, lr_decay_steps=40, dropout=0.1)
+    run(whole)
+    first = whole.replace(out_dir=str(tmp_path / "split"), max_steps=20)
+    run(first)
+    run(first.replace(max_steps=40, init_from="resume"))
+    a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "split")
+    assert a["step"] == b["step"] == 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["averagers"]["ema"]["tensors"].items():
+        assert torch.equal(v, b["averagers"]["ema"]["tensors"][k]), k
+    assert evals(tmp_path / "whole")[40] == evals(tmp_path / "split")[40]
+    steps = [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if r["kind"] != "start"]
+    assert len(steps) == len(set(steps))  # no step logged twice
+
+
+def test_ema_in_the_trainer_equals_a_reference_over_raw_snapshots(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path / "run", data_dir, max_steps=12, ckpt_interval=1, ema_decay=0.7)
+    run(cfg)
+    raw = list_checkpoints(tmp_path / "run" / "snapshots" / "raw")
+    ema_file = list_checkpoints(tmp_path / "run" / "snapshots" / "ema")[12]
+    ref = load_weights(raw[0])
+    for step in range(1, 13):
+        ref = {k: 0.7 * v + 0.3 * w for (k, v), w in zip(ref.items(), load_weights(raw[step]).values())}
+    got = load_weights(ema_file)
+    assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-6
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path / "run", data_dir, max_steps=10)
+    run(cfg)
+    with pytest.raises(ConfigError, match="already holds a run.*--init_from=resume"):
+        run(cfg)
+    with pytest.raises(CheckpointError, match="model does not match this config.*c_fc.weight: \\(128, 32\\) vs model \\(256, 64\\)"):
+        run(cfg.replace(init_from="resume", n_embd=64, max_steps=20))
+
+
+def test_init_from_weights_file(tmp_path, data_dir):
+    src = tiny_config(tmp_path / "a", data_dir, max_steps=10)
+    run(src)
+    snap = tmp_path / "a" / "snapshots" / "raw" / "step_00000010.safetensors"
+    run(tiny_config(tmp_path / "b", data_dir, max_steps=1, init_from=str(snap), learning_rate=0.0, min_lr=0.0))
+    assert evals(tmp_path / "b")[0]["raw"] == evals(tmp_path / "a")[10]["raw"]
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        run(tiny_config(tmp_path / "c", data_dir, init_from=str(tmp_path / "missing.safetensors")))
+
+
+DDP_CHECK = """
+import json, sys, torch, torch.distributed as dist
+from ewa.config import load_config
+from ewa.runtime import init_runtime, shutdown
+from ewa.train import Trainer
+cfg = load_config(sys.argv[1], sys.argv[3:])
+rt = init_runtime(cfg.device, cfg.dtype)
+trainer = Trainer(cfg, rt)
+trainer.fit()
+flat = torch.cat([p.detach().flatten() for p in trainer.params])
+copies = [torch.zeros_like(flat) for _ in range(rt.world_size)]
+dist.all_gather(copies, flat)
+if rt.master:
+    json.dump({"accum": trainer.accum, "max_rank_diff": max((c - flat).abs().max().item() for c in copies)}, open(sys.argv[2], "w"))
+shutdown(rt)
+"""
+
+
+def test_torchrun_two_processes_match_one(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path / "ddp", data_dir, max_steps=10)
+    config_file = write_config_file(tmp_path / "cfg.py", cfg)
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_CHECK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run([*cmd, str(config_file), str(tmp_path / "out.json")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["max_rank_diff"] == 0.0 and out["accum"] == 1  # 2 ranks x 8 sequences = the 16 per step
+    run(cfg.replace(out_dir=str(tmp_path / "single")))
+    two, one = final_state(tmp_path / "ddp"), final_state(tmp_path / "single")
+    for k in one["model"]:
+        assert torch.allclose(two["model"][k], one["model"][k], atol=1e-4), k
+    assert evals(tmp_path / "ddp")[10]["raw"] == pytest.approx(evals(tmp_path / "single")[10]["raw"], abs=1e-4)
+
+
+def test_entry_script_reports_config_errors_cleanly(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train_small.py", "configs/tiny.py", "--learning_rat=1"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "error: command line: unknown config key 'learning_rat'; did you mean learning_rate" in proc.stderr
+    assert "Traceback" not in proc.stderr
