@@ -38,6 +38,7 @@ class Source:
     paths: dict[int, Path]
     config: TrainConfig  # evaluation data and LAWA defaults
     model_config: GPTConfig
+    block_size: int  # of the evaluation windows: the run's, else the model's
     run_dir: Path | None = None
 
 
@@ -68,15 +69,16 @@ def open_source(path: str | Path, kind: str = "raw", config: str | None = None) 
                 f"{paths[min(paths)]}: records no model shape; pass --config=<the run's config.json or config file>"
             )
         shape = dataclasses.asdict(cfg.model_config(read_meta(cfg.data_dir)["vocab_size"]))
-    return Source(folder, paths, cfg, GPTConfig.from_dict({**shape, "dropout": 0.0}), run_dir)
+    block_size = cfg.block_size if (run_dir or config) else shape["block_size"]
+    return Source(folder, paths, cfg, GPTConfig.from_dict({**shape, "dropout": 0.0}), block_size, run_dir)
 
 
 def build_evaluator(source: Source, runtime: Runtime) -> tuple[GPT, Evaluator, str]:
     """A model for the averaged weights and an evaluator over the run's fixed val windows
     (each rank scores whole windows of LAWA on its own, so evaluation is not sharded)."""
     cfg = source.config
-    tokens = open_tokens(cfg.data_dir, "val", source.model_config.block_size + 1)
-    windows = eval_windows(tokens, cfg.block_size, cfg.eval_windows())
+    tokens = open_tokens(cfg.data_dir, "val", source.block_size + 1)
+    windows = eval_windows(tokens, source.block_size, max(1, cfg.eval_tokens // source.block_size))
     local = dataclasses.replace(runtime, rank=0, world_size=1)
     model = GPT(source.model_config).to(runtime.device)
     return model, Evaluator(windows, cfg.eval_batch_size, local), fingerprint(windows)

@@ -294,7 +294,7 @@ class Trainer:
             "kind": "train",
             "step": self.step,
             "loss": loss,
-            "lr": lr_at(self.cfg, self.step - 1),
+            "lr": self.optimizer.param_groups[0]["lr"],  # what the last step used
             "tokens": self.step * self.cfg.tokens_per_step,
             "tok_per_s": tok_s,
             "ms_per_step": 1000 * elapsed / max(steps, 1),

@@ -1,0 +1,117 @@
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.swa_utils import SWALR
+
+from conftest import ROOT, tiny_config, write_config_file
+from ewa.checkpoint import list_checkpoints, load_resume, load_weights
+from ewa.config import ConfigError
+from ewa.logger import read_metrics
+from ewa.runtime import init_runtime
+from ewa.schedule import base_lr
+from ewa.train import Preempted, Trainer, run
+
+
+def swa_config(out_dir: Path, data_dir: Path, **kw):
+    # 40 steps; SWA from step 30 (75%), annealing over 5 steps, averaging every 2 steps
+    return tiny_config(out_dir, data_dir, swa=True, **kw)
+
+
+def test_the_optimizer_lr_follows_the_swa_schedule(tmp_path, data_dir):
+    cfg = swa_config(tmp_path / "run", data_dir)
+    trainer = Trainer(cfg, init_runtime("cpu", "float32"))
+    used = []
+    for _ in range(cfg.max_steps):
+        trainer.train_step()
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+    start = cfg.swa_start_step()
+    assert used[:start] == pytest.approx([base_lr(cfg, s) for s in range(start)])
+    # torch's own SWALR, started from the schedule's value at swa_start, gives the rest
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=base_lr(cfg, start))
+    swalr = SWALR(opt, swa_lr=cfg.swa_lr, anneal_epochs=cfg.swa_anneal_steps, anneal_strategy="cos")
+    expected = []
+    for _ in range(start, cfg.max_steps):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        swalr.step()
+    assert used[start:] == pytest.approx(expected)
+    assert used[-1] == cfg.swa_lr != base_lr(cfg, cfg.max_steps - 1)
+
+
+def test_swa_weights_are_the_mean_of_the_averaging_steps(tmp_path, data_dir):
+    cfg = swa_config(tmp_path / "run", data_dir, ckpt_interval=1)
+    last = run(cfg)
+    raw = list_checkpoints(tmp_path / "run" / "snapshots" / "raw")
+    steps = [32, 34, 36, 38, 40]  # start + every * m
+    ref = {}
+    for s in steps:
+        for k, v in load_weights(raw[s]).items():
+            ref[k] = ref.get(k, 0) + v.double() / len(steps)
+    swa = load_weights(list_checkpoints(tmp_path / "run" / "snapshots" / "swa")[40])
+    assert max((swa[k] - ref[k].float()).abs().max().item() for k in ref) <= 1e-6
+    assert list(list_checkpoints(tmp_path / "run" / "snapshots" / "swa"))[0] == 32
+    evals = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"}
+    assert "swa" not in evals[30] and set(evals[40]) >= {"raw", "ema", "swa"} and evals[40]["swa"] == last["swa"]
+
+
+def test_branch_from_the_original_run_equals_swa_from_scratch(tmp_path, data_dir):
+    original = tiny_config(tmp_path / "orig", data_dir, resume_interval=100, keep_resume=1)
+    run(original)
+    assert list(list_checkpoints(tmp_path / "orig" / "resume")) == [30, 40]  # the SWA start is kept
+    run(swa_config(tmp_path / "branch", data_dir, init_from=str(tmp_path / "orig")))
+    run(swa_config(tmp_path / "scratch", data_dir))
+    a = load_resume(list_checkpoints(tmp_path / "branch" / "resume")[40])
+    b = load_resume(list_checkpoints(tmp_path / "scratch" / "resume")[40])
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k])
+    for k, v in b["averagers"]["swa"]["tensors"].items():
+        assert torch.equal(a["averagers"]["swa"]["tensors"][k], v)
+    branch_evals = [r["step"] for r in read_metrics(tmp_path / "branch" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert branch_evals == [40]  # the first 75% is not trained (or evaluated) twice
+
+
+class StopsAt35(Trainer):
+    """Receives a preemption signal during step 35."""
+
+    def train_step(self):
+        loss = super().train_step()
+        if self.step == 35:
+            self.stop_signal = signal.SIGTERM
+        return loss
+
+
+def test_resume_in_the_middle_of_swa(tmp_path, data_dir):
+    cfg = swa_config(tmp_path / "split", data_dir)
+    with pytest.raises(Preempted, match="at step 35"):
+        StopsAt35(cfg, init_runtime("cpu", "float32")).fit()
+    assert max(list_checkpoints(tmp_path / "split" / "resume")) == 35
+    run(cfg.replace(init_from="resume"))
+    run(cfg.replace(out_dir=str(tmp_path / "whole")))
+    a = load_resume(list_checkpoints(tmp_path / "split" / "resume")[40])
+    b = load_resume(list_checkpoints(tmp_path / "whole" / "resume")[40])
+    assert a["averagers"]["swa"]["num_averaged"] == b["averagers"]["swa"]["num_averaged"] == 5
+    for k, v in b["averagers"]["swa"]["tensors"].items():
+        assert torch.equal(a["averagers"]["swa"]["tensors"][k], v)
+
+
+def test_branch_step_must_exist(tmp_path, data_dir):
+    run(tiny_config(tmp_path / "orig", data_dir, max_steps=20, resume_interval=100, keep_resume=1))
+    with pytest.raises(ConfigError, match=r"no resume checkpoint at step 7 \(it has \[15, 20\]\)"):
+        run(swa_config(tmp_path / "b", data_dir, max_steps=20, init_from=str(tmp_path / "orig"), branch_step=7))
+
+
+def test_train_swa_script_writes_next_to_the_original(tmp_path, data_dir):
+    run(tiny_config(tmp_path / "orig", data_dir))
+    config_file = write_config_file(tmp_path / "cfg.py", tiny_config(tmp_path / "orig", data_dir))
+    proc = subprocess.run(
+        [sys.executable, "train_swa.py", str(config_file), f"--init_from={tmp_path / 'orig'}", "--swa_start=0.25"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evals = [r for r in read_metrics(tmp_path / "orig-swa" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [20, 30, 40] and all("swa" in r for r in evals)
