@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import signal
 import sys
 import time
@@ -133,7 +135,7 @@ class Trainer:
         """Load the initial weights named by cfg.init_from; for resume and branch, also
         return the whole trainer state to restore once the averagers exist."""
         source = self.cfg.init_from
-        existing = list_checkpoints(resume_dir(self.run_dir)) if resume_dir(self.run_dir).is_dir() else {}
+        existing = self.resume_checkpoints()
         if source != "resume" and existing:
             raise ConfigError(
                 f"{self.run_dir} already holds a run (resume checkpoints up to step {max(existing)}): "
@@ -230,9 +232,10 @@ class Trainer:
             (loss / self.accum).backward()
             total += loss.detach()
         total /= self.accum
-        if cfg.skip_nonfinite and not torch.isfinite(total).item():
+        if cfg.skip_nonfinite and rt.any(not torch.isfinite(total).item()):  # every rank skips together
             self.optimizer.zero_grad(set_to_none=True)
-            print(f"warning: non-finite loss at step {self.step}: batch skipped", file=sys.stderr)
+            if rt.master:
+                print(f"warning: non-finite loss at step {self.step + 1}: batch skipped", file=sys.stderr)
         else:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -275,19 +278,20 @@ class Trainer:
         values = torch.stack([v for _, v in self.pending_losses]).tolist()
         losses = [(s, v) for (s, _), v in zip(self.pending_losses, values)]
         self.pending_losses.clear()
-        bad = [s for s, v in losses if not torch.isfinite(torch.tensor(v))]
-        if bad and not self.cfg.skip_nonfinite:
-            saved = list_checkpoints(resume_dir(self.run_dir)) if resume_dir(self.run_dir).is_dir() else {}
+        bad = [s for s, v in losses if not math.isfinite(v)]
+        if not self.cfg.skip_nonfinite and self.rt.any(bool(bad)):  # all ranks stop at the same step
+            saved = self.resume_checkpoints()
             last = f"the last resume checkpoint is step {max(saved)}" if saved else "no resume checkpoint was written"
+            where = f"at step {bad[0]}" if bad else "on another rank"
             raise NonFiniteLoss(
-                f"non-finite training loss at step {bad[0]}; stopped without saving ({last}). "
+                f"non-finite training loss {where}; stopped without saving ({last}). "
                 "Lower learning_rate, or set skip_nonfinite=True to skip such batches"
             )
         return losses
 
     def log_train(self, elapsed: float, steps: int) -> None:
         losses = self.flush_losses()
-        finite = [v for _, v in losses if v == v and abs(v) != float("inf")]
+        finite = [v for _, v in losses if math.isfinite(v)]
         loss = sum(finite) / max(1, len(finite))
         tok_s = self.cfg.tokens_per_step * steps / max(elapsed, 1e-9)
         record = {
@@ -329,6 +333,8 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         if rt.master:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.run_dir.glob("*/**/.*.tmp*"):  # left by a write that was killed
+                stale.unlink()
             save_config(cfg, self.run_dir / "config.json")
             run = (
                 open_wandb(cfg.wandb_project, cfg.wandb_run_name, cfg.wandb_mode, cfg.to_dict(), self.run_dir)
@@ -413,9 +419,13 @@ class Trainer:
         try:
             write()
         except OSError as e:
-            saved = list_checkpoints(resume_dir(self.run_dir)) if resume_dir(self.run_dir).is_dir() else {}
+            saved = self.resume_checkpoints()
             last = f"; the last good resume checkpoint is {saved[max(saved)]}" if saved else ""
             raise CheckpointError(f"could not write {path}: {e.strerror or e}{last}") from None
+
+    def resume_checkpoints(self) -> dict[int, Path]:
+        folder = resume_dir(self.run_dir)
+        return list_checkpoints(folder) if folder.is_dir() else {}
 
     def finish(self) -> None:
         self.rt.barrier()
@@ -442,4 +452,5 @@ def main(default_config: str, argv: list[str] | None = None, swa: bool = False) 
     except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as e:
         sys.exit(f"error: {e}")
     except Preempted as e:
-        print(e)
+        if os.environ.get("RANK", "0") == "0":
+            print(e)
