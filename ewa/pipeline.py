@@ -1,0 +1,219 @@
+"""The paper's whole story in one command, on a CPU in minutes (``reproduce.py``):
+
+1. the original run at a high learning rate, with EMA and online LAWA, saving snapshots;
+2. SWA branched from the original's resume checkpoint at 75% of training;
+3. offline LAWA over the snapshots, for each (k, nu) asked for;
+4. beyond the paper: short LR cooldowns branched from the raw checkpoints at a few steps t,
+   the baseline for "averaging stands in for learning-rate decay";
+5. optionally the same run at a tenth of the learning rate (the paper's Figure 2);
+6. the report (report.md in the run directory) and the plots (assets/ema_swa.png, assets/lawa.png).
+
+Finished stages are recorded in <out>/stages.json with their settings and reused by a re-run
+with the same settings; an interrupted training stage resumes from its last checkpoint;
+``--fresh`` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ewa import lawa_cli, report, train
+from ewa.checkpoint import CheckpointError, atomic_write_text, list_checkpoints
+from ewa.config import ConfigError, TrainConfig, load_config
+from ewa.data import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Settings:
+    config: str = "configs/tiny.py"
+    out: str = "out/paper"
+    overrides: list[str] = field(default_factory=list)  # --key=value for the training config
+    lawa: list[tuple[int, int]] = field(default_factory=lambda: [(5, 10), (5, 30)])  # (k, nu) offline
+    cooldown_at: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    cooldown_fraction: float = 0.1  # cooldown length as a fraction of t
+    lr_compare: bool = False
+    fresh: bool = False
+    assets: str = "assets"
+
+
+class Stages:
+    """Which stages finished, with the settings they ran with."""
+
+    def __init__(self, root: Path, fresh: bool):
+        if fresh and root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / "stages.json"
+        self.finished: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def done(self, name: str, settings: dict) -> bool:
+        return self.finished.get(name) == _plain(settings)
+
+    def mark(self, name: str, settings: dict) -> None:
+        self.finished[name] = _plain(settings)
+        atomic_write_text(self.path, json.dumps(self.finished, indent=1) + "\n")
+
+
+def _plain(settings: dict) -> Any:
+    return json.loads(json.dumps(settings))
+
+
+def _say(message: str) -> None:
+    print(f"\n=== {message}", flush=True)
+
+
+def prepare_data(cfg: TrainConfig) -> None:
+    data_dir = Path(cfg.data_dir)
+    if (data_dir / "meta.json").exists():
+        return
+    script = data_dir / "prepare.py"
+    if not script.exists():
+        raise DataError(f"{data_dir}/meta.json not found and no prepare.py beside it: prepare the data first")
+    _say(f"preparing the data: python {script}")
+    argv = sys.argv
+    try:
+        sys.argv = [str(script)]
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+def train_stage(stages: Stages, name: str, cfg: TrainConfig, source: dict | None = None) -> Path:
+    """Train ``cfg`` unless the same stage already finished; continue an interrupted one."""
+    run_dir = Path(cfg.out_dir)
+    settings = {"config": cfg.to_dict(), "source": source}
+    final = run_dir / "resume" / f"step_{cfg.max_steps:08d}.pt"
+    if stages.done(name, settings) and final.exists():
+        print(f"reusing {run_dir} (finished)")
+        return run_dir
+    saved = run_dir / "config.json"
+    same = saved.exists() and {**json.loads(saved.read_text()), "init_from": cfg.init_from} == cfg.to_dict()
+    if same and (run_dir / "resume").is_dir() and list_checkpoints(run_dir / "resume"):
+        print(f"continuing the interrupted run in {run_dir}")
+        train.run(cfg.replace(init_from="resume"))
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        train.run(cfg)
+    stages.mark(name, settings)
+    return run_dir
+
+
+def lawa_stage(stages: Stages, run_dir: Path, cfg: TrainConfig, k: int, nu: int) -> None:
+    settings = {"k": k, "nu": nu, "interval": cfg.lawa_interval, "source": cfg.to_dict()}
+    name = f"lawa_k{k}_nu{nu}"
+    if stages.done(f"{run_dir.name}/{name}", settings) and (run_dir / f"{name}.jsonl").exists():
+        print(f"reusing {run_dir / name}.jsonl")
+        return
+    lawa_cli.run(lawa_cli.parse_args([str(run_dir), f"--k={k}", f"--nu={nu}", f"--interval={cfg.lawa_interval}"]))
+    stages.mark(f"{run_dir.name}/{name}", settings)
+
+
+def branch_steps(cfg: TrainConfig, fractions: list[float]) -> list[int]:
+    """Eval steps nearest each fraction of training (the original keeps a resume checkpoint there)."""
+    grid = range(cfg.eval_interval, cfg.max_steps, cfg.eval_interval)
+    return sorted({min(grid, key=lambda s: abs(s - f * cfg.max_steps)) for f in fractions})
+
+
+def original_config(s: Settings) -> TrainConfig:
+    cfg = load_config(ROOT / s.config if not Path(s.config).is_absolute() else s.config, s.overrides)
+    # online LAWA with the first (k, nu); every eval step keeps a resume checkpoint to branch from
+    k, nu = s.lawa[0]
+    return cfg.replace(
+        out_dir=str(Path(s.out) / "run"), lawa_online=True, lawa_k=k, lawa_nu=nu,
+        resume_interval=cfg.eval_interval, keep_resume=0, wandb_run_name=cfg.wandb_run_name or "original",
+    )
+
+
+def run_pipeline(s: Settings) -> str:
+    t0 = time.perf_counter()
+    stages = Stages(Path(s.out), s.fresh)
+    cfg = original_config(s)
+    prepare_data(cfg)
+    n = 4 + bool(s.cooldown_at) + s.lr_compare
+    _say(f"[1/{n}] original run: {cfg.n_layer} layers x {cfg.n_embd} wide, lr {cfg.learning_rate:g}, {cfg.max_steps} steps")
+    run_dir = train_stage(stages, "original", cfg)
+    _say(f"[2/{n}] SWA from step {cfg.swa_start_step()} ({cfg.swa_start:.0%} of training)")
+    swa = cfg.replace(swa=True, init_from=str(run_dir), out_dir=f"{run_dir}-swa", lawa_online=False, wandb_run_name="swa")
+    train_stage(stages, "swa", swa, source=cfg.to_dict())
+    _say(f"[3/{n}] offline LAWA over {run_dir}/snapshots/raw: " + ", ".join(f"k={k} nu={nu}" for k, nu in s.lawa))
+    for k, nu in s.lawa:
+        lawa_stage(stages, run_dir, cfg, k, nu)
+    step = 4
+    if s.cooldown_at:
+        _say(f"[{step}/{n}] LR cooldowns to 0 over {s.cooldown_fraction:.0%} of t, from the raw checkpoint at t")
+        for t in branch_steps(cfg, s.cooldown_at):
+            c = max(1, round(s.cooldown_fraction * t))
+            branch = cfg.replace(
+                init_from=str(run_dir), branch_step=t, max_steps=t + c, cooldown_steps=c, lr_decay_steps=cfg.decay_steps(),
+                out_dir=f"{run_dir}-cooldown-{t}", lawa_online=False, eval_interval=c, ckpt_interval=c, resume_interval=c,
+                wandb_run_name=f"cooldown-{t}",
+            )
+            train_stage(stages, f"cooldown-{t}", branch, source=cfg.to_dict())
+        step += 1
+    extra = ""
+    if s.lr_compare:
+        low = cfg.replace(
+            learning_rate=cfg.learning_rate / 10, min_lr=cfg.min_lr / 10, swa_lr=cfg.swa_lr / 10,
+            out_dir=str(Path(s.out) / "run-lr0.1x"), wandb_run_name="original-lr0.1x",
+        )
+        _say(f"[{step}/{n}] the same run at lr {low.learning_rate:g} (the paper's Figure 2)")
+        low_dir = train_stage(stages, "original-lr0.1x", low)
+        k, nu = s.lawa[0]
+        lawa_stage(stages, low_dir, low, k, nu)
+        high_run, low_run = report.load_run(run_dir), report.load_run(low_dir)
+        name = f"LAWA k={k} nu={nu}"
+        extra = report.lr_compare_text(high_run, low_run, cfg.learning_rate, low.learning_rate, name)
+        extra += "\n\n![LR comparison](lr_compare.png)"
+        for folder in (run_dir, Path(s.assets)):
+            report.plot_lr_compare(high_run, low_run, folder / "lr_compare.png", name)
+    _say(f"[{n}/{n}] report")
+    text = report.write_report(run_dir, s.assets, extra)
+    print(text)
+    print(f"wrote {run_dir / 'report.md'} and plots in {run_dir} and {s.assets}/ in {time.perf_counter() - t0:.0f} s")
+    return text
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write (k, nu) pairs as KxNU,KxNU, e.g. 5x10,5x30") from None
+
+
+def _fractions(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")] if text else []
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any other --key=value overrides the training config (e.g. --max_steps=100).")
+    d = Settings()
+    p.add_argument("--config", default=d.config, help="training config file (default: %(default)s)")
+    p.add_argument("--out", default=d.out, help="folder of every run of the pipeline (default: %(default)s)")
+    p.add_argument("--lawa", type=_pairs, default=d.lawa, help="offline LAWA variants as KxNU pairs (default: 5x10,5x30)")
+    p.add_argument("--cooldown_at", type=_fractions, default=d.cooldown_at, help="fractions of training to branch cooldowns at, or ''")
+    p.add_argument("--cooldown_fraction", type=float, default=d.cooldown_fraction, help="cooldown length / t (default: %(default)s)")
+    p.add_argument("--lr_compare", action="store_true", help="also run at a tenth of the learning rate (Figure 2)")
+    p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
+    p.add_argument("--assets", default=d.assets, help="where the plots are copied (default: %(default)s)")
+    args, overrides = p.parse_known_args(argv)
+    return Settings(args.config, args.out, overrides, args.lawa, args.cooldown_at, args.cooldown_fraction,
+                    args.lr_compare, args.fresh, args.assets)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run_pipeline(parse_args(argv))
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,9 @@
+"""Report and plots for any run directory: Original vs EMA vs SWA vs LAWA at each eval step.
+
+    python report.py out/small [--assets=assets]
+"""
+
+from ewa.report import main
+
+if __name__ == "__main__":
+    main()
