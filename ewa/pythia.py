@@ -246,7 +246,7 @@ def average_tensors(
             continue
         total = last.to(device, torch.float64, copy=True)
         for member in members[:-1]:
-            total += member.get(name).to(device, torch.float64)
+            total += member.get(name).to(device)  # promoted to float64 element by element, no float64 copy
         yield name, (total / len(members)).to(last.dtype)
 
 

@@ -176,6 +176,8 @@ def test_perplexity_equals_a_direct_computation(revisions, tokenizer, corpus, tm
     assert got["tokens"] == len(ids) - 1 and math.isclose(got["nll"], want, rel_tol=1e-6)
     assert math.isclose(got["token_perplexity"], math.exp(want / (len(ids) - 1)), rel_tol=1e-6)
     assert math.isclose(got["word_perplexity"], math.exp(want / len(text.split())), rel_tol=1e-6)
+    cut = read_held_out(tmp_path / "held.txt", tokenizer, budget=100)  # ends inside the text
+    assert cut.tokens.tolist() == ids[:101] and cut.words == len(tokenizer.decode(ids[:101]).split())
 
     docs = [corpus["val"][i : i + 400] for i in (5000, 6000, 7000)]
     (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
