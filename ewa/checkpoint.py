@@ -12,10 +12,12 @@ Formats read (never by unpickling arbitrary objects):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ SNAPSHOT_RE = re.compile(r"(\d+)")
 # Conv1D weights in Hugging Face GPT-2 are stored transposed relative to nn.Linear.
 HF_GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+HF_WEIGHT_LAYOUTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class CheckpointError(RuntimeError):
@@ -49,11 +52,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a directory's entries: renames into it)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a hidden temporary name and rename it to ``path`` when the
+    block completes: ``path`` is either absent or complete, whatever happens."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            fsync_path(f)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -115,8 +142,11 @@ class Weights:
     ``get`` reads one tensor at a time (safetensors are memory-mapped), so a caller can
     stream a model through memory tensor by tensor."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, hf_names: bool = False):
+        """``hf_names``: keep a Hugging Face GPT-2 directory's own tensor names (and layout)
+        instead of converting them to ``model.GPT``'s."""
         self.path = Path(path)
+        self.hf_names = hf_names
         self.metadata: dict[str, str] = {}
         self.nbytes = 0  # size of the files this view reads
         # name -> (reader, key inside the file, transpose, shape as stored)
@@ -195,23 +225,30 @@ class Weights:
             )
         self.metadata = {"hf_config": config_file.read_text()}
         hf = json.loads(self.metadata["hf_config"])
-        if hf.get("model_type") == "gpt2":
+        if hf.get("model_type") == "gpt2" and not self.hf_names:
             self.metadata["model_config"] = json.dumps(gpt2_config_from_hf(hf))
-        is_gpt2 = hf.get("model_type") == "gpt2"
-        rename = hf_gpt2_key if is_gpt2 else (lambda k: (k, False))
-        index = self.path / "model.safetensors.index.json"
-        if (self.path / "model.safetensors").exists():
-            self._add_safetensors(self.path / "model.safetensors", rename)
-        elif index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            for shard in shards:
-                self._add_safetensors(self.path / shard, rename)
-        elif (self.path / "pytorch_model.bin").exists():
-            self._add_pickle(self.path / "pytorch_model.bin", rename)
-        else:
-            raise CheckpointError(f"{self.path}: no model.safetensors, shard index or pytorch_model.bin found")
-        if is_gpt2:
+        convert = hf.get("model_type") == "gpt2" and not self.hf_names
+        rename = hf_gpt2_key if convert else (lambda k: (k, False))
+        for file in hf_weight_files(self.path):
+            (self._add_safetensors if file.suffix == ".safetensors" else self._add_pickle)(file, rename)
+        if convert:
             self._index.pop("lm_head.weight", None)  # tied to transformer.wte.weight
+
+
+def hf_weight_files(folder: Path) -> list[Path]:
+    """The files holding a save_pretrained directory's weights, safetensors first as transformers reads them."""
+    for name in HF_WEIGHT_LAYOUTS:
+        path = folder / name
+        if not path.exists():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            shards = json.loads(path.read_text())["weight_map"].values()
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: not a shard index ({e}); download or save the directory again") from None
+        return [folder / shard for shard in sorted(set(shards))]
+    raise CheckpointError(f"{folder}: none of {', '.join(HF_WEIGHT_LAYOUTS)}; not a complete save_pretrained directory")
 
 
 def gpt2_config_from_hf(hf: dict) -> dict:

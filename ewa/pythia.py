@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -42,7 +41,7 @@ from huggingface_hub.errors import (
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ewa.checkpoint import CheckpointError, Weights, atomic_write_text, list_checkpoints
+from ewa.checkpoint import CheckpointError, Weights, atomic_dir, atomic_write_text, check_compatible, list_checkpoints
 from ewa.lawa import Window, plan_windows
 from ewa.logger import MetricsLogger, read_metrics
 
@@ -52,9 +51,6 @@ if TYPE_CHECKING:  # transformers and lm_eval take seconds to import: only the c
 PYTHIA_LAST_STEP = 143000  # the last revision of every Pythia model
 SHARD_BYTES = 5 * 10**9  # an average is written in safetensors shards of at most this size
 GPU_HOURS_FILE = Path(__file__).resolve().parents[1] / "configs" / "pythia_gpu_hours.json"
-WEIGHT_LAYOUTS = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
-)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 HUB_FILES = ["*.json", "*.txt", "*.model"]  # config, tokenizer, shard index: all but the weights
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,61 +167,15 @@ def fetch_revision(repo_id: str, step: int, cache_dir: str | None = None) -> Pat
 # checkpoints
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The files holding a save_pretrained directory's weights, safetensors first as in transformers."""
-    for name in WEIGHT_LAYOUTS:
-        path = folder / name
-        if not path.exists():
-            continue
-        if not name.endswith(".index.json"):
-            return [path]
-        try:
-            shards = json.loads(path.read_text())["weight_map"].values()
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{path}: not a shard index ({e}); download or save the directory again") from None
-        return [folder / shard for shard in sorted(set(shards))]
-    raise CheckpointError(f"{folder}: none of {', '.join(WEIGHT_LAYOUTS)}; not a complete save_pretrained directory")
-
-
-class Checkpoint:
-    """One save_pretrained directory's tensors, under the names its weight files store, read
-    one at a time (safetensors memory-mapped, ``.bin`` through ``torch.load(weights_only=True)``)."""
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        self._files = [Weights(f) for f in weight_files(self.folder)]
-        self._where = {name: w for w in self._files for name in w.keys()}
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get(name)
-
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self._where:
-            yield name, self.get(name)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: shape for w in self._files for name, shape in w.shapes().items()}
-
-
 def check_members(source: Source) -> None:
     """Every checkpoint of a complete window opens and has the first one's tensor names and
     shapes, before any work is spent on averages."""
     steps = sorted({s for w in source.complete for s in w.members})
     if not steps:
         raise CheckpointError(f"{source.name}: no complete LAWA window\n" + "\n".join(source.skip_reasons()))
-    reference = Checkpoint(source.paths[steps[0]]).shapes()
+    reference = Weights(source.paths[steps[0]], hf_names=True)
     for step in tqdm(steps[1:], desc="checking checkpoints", unit="ckpt", leave=False):
-        got = Checkpoint(source.paths[step]).shapes()
-        if got != reference:
-            missing, extra = sorted(reference.keys() - got.keys()), sorted(got.keys() - reference.keys())
-            common = sorted(reference.keys() & got.keys())
-            reshaped = [f"{k}: {got[k]} vs {reference[k]}" for k in common if got[k] != reference[k]]
-            detail = f"missing {missing[:3]}" if missing else f"extra {extra[:3]}" if extra else reshaped[0]
-            raise CheckpointError(f"{source.paths[step]}: does not match {source.paths[steps[0]]} ({detail}); "
-                                  "checkpoints averaged together must come from one model")
+        check_compatible(reference, Weights(source.paths[step], hf_names=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,13 +183,13 @@ def check_members(source: Source) -> None:
 
 
 def average_tensors(
-    members: list[Checkpoint], device: torch.device | str = "cpu"
+    members: list[Weights], device: torch.device | str = "cpu"
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, LAWA tensor) for each tensor of the newest member: the float64 sum of the members'
     tensors over their number, cast to the newest member's dtype. Tensors that are not floating
     point (attention masks, counters) are the newest member's."""
     newest = members[-1]
-    for name in newest.names():
+    for name in newest.keys():
         last = newest.get(name)
         if not last.is_floating_point():
             yield name, last.clone()
@@ -282,34 +232,16 @@ def write_safetensors(
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_average(out: Path, members: list[Checkpoint], info: dict[str, Any], shard_bytes: int = SHARD_BYTES) -> Path:
+def save_average(out: Path, members: list[Weights], info: dict[str, Any], shard_bytes: int = SHARD_BYTES) -> Path:
     """The LAWA average of ``members`` as the Hugging Face directory ``out``: config and tokenizer
-    files of the newest member, safetensors weights, the window in ``lawa.json``. It is built
-    under a hidden temporary name and renamed, so ``out`` is either absent or complete."""
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for f in sorted(members[-1].folder.iterdir()):
+    files of the newest member, safetensors weights, the window in ``lawa.json``; ``out`` is
+    either absent or complete, whatever happens."""
+    with atomic_dir(out) as tmp:
+        for f in sorted(members[-1].path.iterdir()):
             if f.is_file() and not f.name.startswith(".") and not f.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copy(f, tmp / f.name)
         write_safetensors(tmp, average_tensors(members), shard_bytes)
         (tmp / "lawa.json").write_text(json.dumps(info, indent=2) + "\n")
-        for f in tmp.iterdir():
-            _fsync(f)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync(out.parent)
     return out
 
 
@@ -326,7 +258,7 @@ def save_window(out_dir: Path, source: Source, window: Window, plan: LawaPlan) -
             return out
         raise CheckpointError(f"{out}: exists and is not this window's average of {source.name} "
                               f"(steps {info['members']}); remove it or pick another output folder")
-    return save_average(out, [Checkpoint(source.paths[s]) for s in window.members], info)
+    return save_average(out, [Weights(source.paths[s], hf_names=True) for s in window.members], info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,12 +321,12 @@ def models_per_window(
     into ``model``; yields (window, "original" | "lawa") after each load. With ``save_dir`` the
     average is written there first and read back, so what is evaluated is what was saved."""
     for window in tqdm(source.complete, desc="windows", unit="window"):
-        members = [Checkpoint(source.paths[s]) for s in window.members]
-        load_into(model, members[-1].items(), str(members[-1].folder))
+        members = [Weights(source.paths[s], hf_names=True) for s in window.members]
+        load_into(model, members[-1].items(), str(members[-1].path))
         yield window, "original"
         if save_dir:
             saved = save_window(Path(save_dir), source, window, plan)
-            load_into(model, Checkpoint(saved).items(), str(saved))
+            load_into(model, Weights(saved, hf_names=True).items(), str(saved))
         else:
             load_into(model, average_tensors(members, model.device), f"LAWA at step {window.step}")
         yield window, "lawa"

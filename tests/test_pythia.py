@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from ewa.checkpoint import CheckpointError
+from ewa.checkpoint import CheckpointError, Weights
 from ewa.pythia import (
-    Checkpoint,
     LawaPlan,
     average_tensors,
     check_members,
@@ -118,7 +117,7 @@ def test_float16_members_average_in_float64_and_shards_load(tmp_path, tokenizer)
     for step in (1000, 2000, 3000):
         members.append(tmp_path / f"step{step}")
         save_revision(members[-1], tiny_neox(len(tokenizer), seed=step).half(), tokenizer)
-    out = save_average(tmp_path / "avg", [Checkpoint(m) for m in members], {}, shard_bytes=20_000)
+    out = save_average(tmp_path / "avg", [Weights(m, hf_names=True) for m in members], {}, shard_bytes=20_000)
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
     got = AutoModelForCausalLM.from_pretrained(out, dtype="auto").state_dict()
     want = reference_average(members)
@@ -137,7 +136,7 @@ def test_missing_revision_is_reported_and_its_windows_skipped(revisions, tmp_pat
 def test_mismatched_or_corrupt_member_is_named(revisions, tmp_path, tokenizer):
     layout = layout_without(revisions, tmp_path, 4000)
     save_revision(layout / "step4000", tiny_neox(len(tokenizer), seed=4000, hidden=48), tokenizer)
-    with pytest.raises(CheckpointError, match=r"step4000: does not match .*step1000.*one model"):
+    with pytest.raises(CheckpointError, match=r"step4000: does not match .*step1000.*one architecture"):
         check_members(open_source(str(layout), LawaPlan(k=3, nu=1000, interval=1000, start=3000)))
     weights = layout / "step4000" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -146,7 +145,7 @@ def test_mismatched_or_corrupt_member_is_named(revisions, tmp_path, tokenizer):
 
 
 def test_in_memory_average_is_the_saved_one(revisions, tmp_path):
-    members = [Checkpoint(revisions / f"step{s}") for s in (2000, 3000, 4000)]
+    members = [Weights(revisions / f"step{s}", hf_names=True) for s in (2000, 3000, 4000)]
     saved = save_average(tmp_path / "step4000", members, {})
     model = AutoModelForCausalLM.from_pretrained(revisions / "step1000")
     load_into(model, average_tensors(members), "LAWA at step 4000")
