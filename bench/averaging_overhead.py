@@ -1,0 +1,106 @@
+"""Averaging overhead: EMA, online-LAWA and SWA updates as a percentage of the training step.
+
+One training loop (``Trainer.train_step()`` on the config's shapes) runs ``--steps`` steps;
+after each step every averager is updated, as ``Trainer.fit()`` does, and each update is
+timed on its own, as is the step itself. The step times are those of the loop with no
+averaging; each averager adds its update times to them. All share the same process, steps
+and data, so there is no drift between a run with and a run without averaging.
+
+An averager acts every ``every`` steps (EMA 1, SWA ``swa_every``, LAWA ``lawa_nu``, which
+copies the weights to the CPU); its cost per step is the median time of the updates that
+acted divided by ``every``. SWA is started at step 0 so that it averages during the loop.
+
+    python bench/averaging_overhead.py                                # CPU, configs/tiny.py
+    python bench/averaging_overhead.py --device=cuda --config=configs/small.py --data_dir=data/shakespeare
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    bench_trainer,
+    median,
+    parse,
+    report,
+    target,
+    timed,
+    trainer_parser,
+    trainer_summary,
+)
+from ewa.averaging import EMA, SWA, Averager, OnlineLAWA  # noqa: E402
+
+TARGET = 0.03  # the most each averager may add to the step time
+
+# the table: columns shown, with their format
+COLUMNS = {
+    "averaging": "s",
+    "every": "d",
+    "updates": "d",
+    "ms_per_update": ".3f",
+    "ms_per_step": ".3f",
+    "overhead": ".2%",
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = trainer_parser("averaging_overhead", __doc__)
+    p.add_argument("--steps", type=int, default=60, help="timed steps (at least lawa_nu)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    args, overrides = parse(p, argv, overrides=True)
+    with bench_trainer(args, overrides, ema=False, swa=False, lawa_online=False) as trainer:
+        cfg, device, params = trainer.cfg, trainer.rt.device, trainer.params
+        if args.steps < max(cfg.swa_every, cfg.lawa_nu):
+            p.error(f"--steps={args.steps} must be at least swa_every={cfg.swa_every} and lawa_nu={cfg.lawa_nu}")
+        averagers: dict[str, tuple[Averager, int]] = {
+            "ema": (EMA(trainer.names, params, cfg.ema_decay), 1),
+            "lawa": (OnlineLAWA(trainer.names, cfg.lawa_k, cfg.lawa_nu), cfg.lawa_nu),
+            "swa": (SWA(trainer.names, 0, cfg.swa_every), cfg.swa_every),
+        }
+        step_times: list[float] = []
+        update_times: dict[str, list[float]] = {name: [] for name in averagers}
+        for i in range(args.warmup + args.steps):
+            seconds = timed(trainer.train_step, device)
+            timed_step = i >= args.warmup
+            if timed_step:
+                step_times.append(seconds)
+            for name, (averager, every) in averagers.items():
+                seconds = timed(functools.partial(averager.update, params, trainer.step), device)
+                if timed_step and trainer.step % every == 0:
+                    update_times[name].append(seconds)
+        step = median(step_times)
+        rows = [
+            {
+                "averaging": "none",
+                "every": None,
+                "updates": 0,
+                "ms_per_update": None,
+                "ms_per_step": 1000 * step,
+                "overhead": 0.0,
+            }
+        ]
+        for name, (_, every) in averagers.items():
+            cost = median(update_times[name]) / every
+            rows.append(
+                {
+                    "averaging": name,
+                    "every": every,
+                    "updates": len(update_times[name]),
+                    "ms_per_update": 1000 * median(update_times[name]),
+                    "ms_per_step": 1000 * cost,
+                    "overhead": cost / step,
+                }
+            )
+        targets = [
+            target(f"{r['averaging']} overhead", f"<= {TARGET:.0%} of the step", r["overhead"], r["overhead"] <= TARGET)
+            for r in rows[1:]
+        ]
+        return report("averaging_overhead", args, device, rows, COLUMNS, targets, trainer_summary(trainer))
+
+
+if __name__ == "__main__":
+    main()
