@@ -81,6 +81,7 @@ class RunningAverage:
         self.sum: Tensors = {}
         self.members: set[int] = set()
         self.stats = IOStats()
+        self._mean: Tensors = {}  # fp32 output buffers, reused from window to window
 
     def _open(self, step: int) -> Weights:
         w = Weights(self.paths[step])
@@ -122,8 +123,13 @@ class RunningAverage:
             newest.update({k: w.get(k).to(self.device).float() for k in w.keys()})
 
     def mean(self) -> Tensors:
+        """The fp32 average of the members, in buffers that the next ``mean`` overwrites."""
         n = len(self.members)
-        return {k: (v / n).float() for k, v in self.sum.items()}
+        for k, v in self.sum.items():
+            if k not in self._mean:
+                self._mean[k] = torch.empty_like(v, dtype=torch.float32)
+            torch.div(v, n, out=self._mean[k])
+        return self._mean
 
 
 def check_checkpoints(paths: dict[int, Path]) -> None:
@@ -143,7 +149,8 @@ def stream_averages(
     progress: Callable[[Iterator], Iterator] = iter,
 ) -> Iterator[tuple[Window, Tensors, Tensors | None]]:
     """(window, LAWA weights, raw weights at the window's step) for each window, in the
-    order given (use ``streaming_order``); ``running.stats`` counts what was read."""
+    order given (use ``streaming_order``); ``running.stats`` counts what was read. The LAWA
+    weights live in buffers reused by the next window: copy them to keep them."""
     for window in progress(windows):
         if not window.complete:
             raise ValueError(f"window at step {window.step} lacks steps {list(window.missing)}")

@@ -38,7 +38,7 @@ class Settings:
     config: str = "configs/tiny.py"
     out: str = "out/paper"
     overrides: list[str] = field(default_factory=list)  # --key=value for the training config
-    lawa: list[tuple[int, int]] = field(default_factory=lambda: [(5, 10), (5, 30)])  # (k, nu) offline
+    lawa: list[tuple[int, int]] = field(default_factory=lambda: [(5, 10), (5, 20)])  # (k, nu) offline
     cooldown_at: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     cooldown_fraction: float = 0.1  # cooldown length as a fraction of t
     lr_compare: bool = False
@@ -201,7 +201,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     d = Settings()
     p.add_argument("--config", default=d.config, help="training config file (default: %(default)s)")
     p.add_argument("--out", default=d.out, help="folder of every run of the pipeline (default: %(default)s)")
-    p.add_argument("--lawa", type=_pairs, default=d.lawa, help="offline LAWA variants as KxNU pairs (default: 5x10,5x30)")
+    p.add_argument("--lawa", type=_pairs, default=d.lawa, help="offline LAWA variants as KxNU pairs (default: 5x10,5x20)")
     p.add_argument("--cooldown_at", type=_fractions, default=d.cooldown_at, help="fractions of training to branch cooldowns at, or ''")
     p.add_argument("--cooldown_fraction", type=float, default=d.cooldown_fraction, help="cooldown length / t (default: %(default)s)")
     p.add_argument("--lr_compare", action="store_true", help="also run at a tenth of the learning rate (Figure 2)")

@@ -87,6 +87,7 @@ def test_offline_lawa(tmp_path):
         tmp_path / "l.json",
         "--threads=1",
         "--m=5",
+        "--interval=1",
         "--ks",
         "2",
         "3",

@@ -131,3 +131,11 @@ def test_entry_script_reports_config_errors_cleanly(tmp_path):
     assert proc.returncode != 0
     assert "error: command line: unknown config key 'learning_rat'; did you mean learning_rate" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_wandb_logging_offline(tmp_path, data_dir, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = tiny_config(tmp_path / "run", data_dir, max_steps=10, wandb_log=True, wandb_mode="offline", wandb_run_name="t")
+    run(cfg)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
