@@ -72,13 +72,13 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, step])
         return rng.integers(0, len(self.tokens) - self.block_size, size=self.sequences_per_step)
 
-    def batch(self, step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (int64, CPU) of one micro-batch of one rank."""
+    def batch(self, step: int, micro: int, rank: int) -> torch.Tensor:
+        """One micro-batch of one rank: (micro_batch_size, block_size + 1) int64 tokens on the
+        CPU, in one contiguous block (one pinned copy to a GPU); inputs are ``[:, :-1]``,
+        targets ``[:, 1:]``."""
         first = (micro * self.world_size + rank) * self.micro_batch_size
         offs = self.offsets(step)[first : first + self.micro_batch_size]
-        rows = np.stack([self.tokens[o : o + self.block_size + 1] for o in offs]).astype(np.int64)
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:]
+        return torch.from_numpy(np.stack([self.tokens[o : o + self.block_size + 1] for o in offs]).astype(np.int64))
 
 
 def eval_offsets(n_tokens: int, block_size: int, n_windows: int) -> np.ndarray:

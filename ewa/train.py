@@ -222,9 +222,10 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=rt.device)
         for micro in range(self.accum):
-            x, y = self.sampler.batch(self.step, micro, rt.rank)
+            rows = self.sampler.batch(self.step, micro, rt.rank)
             if rt.device_type == "cuda":
-                x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
+                rows = rows.pin_memory().to(rt.device, non_blocking=True)
+            x, y = rows[:, :-1], rows[:, 1:]
             last = micro == self.accum - 1
             grad_sync = contextlib.nullcontext() if last or not rt.distributed else self.ddp.no_sync()
             with grad_sync, rt.autocast():

@@ -20,10 +20,12 @@ def sampler(tokens, world_size=1, seed=0) -> BatchSampler:
 def test_batches_are_a_function_of_seed_and_step():
     tokens = np.arange(1000, dtype=np.uint16)
     a, b = sampler(tokens), sampler(tokens)
-    assert torch.equal(a.batch(5, 1, 0)[0], b.batch(5, 1, 0)[0])
-    assert not torch.equal(a.batch(5, 1, 0)[0], a.batch(6, 1, 0)[0])
-    x, y = a.batch(3, 0, 0)
-    assert x.shape == (2, 8) and torch.equal(y[:, :-1], x[:, 1:])  # targets are inputs shifted by one
+    assert torch.equal(a.batch(5, 1, 0), b.batch(5, 1, 0))
+    assert not torch.equal(a.batch(5, 1, 0), a.batch(6, 1, 0))
+    rows = a.batch(3, 0, 0)
+    assert rows.shape == (2, 9) and rows.is_contiguous()
+    start = int(rows[0, 0])  # the tokens are 0, 1, 2, ...: a row is a run of consecutive tokens
+    assert torch.equal(rows[0], torch.arange(start, start + 9))
 
 
 def test_global_batch_is_the_same_for_any_world_size():
@@ -32,7 +34,7 @@ def test_global_batch_is_the_same_for_any_world_size():
     def global_batch(world):
         s = sampler(tokens, world_size=world)
         accum = 8 // (2 * world)
-        rows = [s.batch(7, m, r)[0] for m in range(accum) for r in range(world)]
+        rows = [s.batch(7, m, r) for m in range(accum) for r in range(world)]
         return torch.cat(rows).sort(dim=0).values
 
     assert torch.equal(global_batch(1), global_batch(2))
