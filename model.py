@@ -232,7 +232,7 @@ class GPT(nn.Module):
         unexpected = sorted(weights.keys() - own.keys())
         shapes = [
             f"{k}: {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in own.keys() & weights.keys()
+            for k in sorted(own.keys() & weights.keys())
             if weights[k].shape != own[k].shape
         ]
         if missing or unexpected or shapes:

@@ -282,7 +282,7 @@ def check_compatible(reference: Weights, other: Weights) -> None:
     if ref == got:
         return
     missing, extra = sorted(ref.keys() - got.keys()), sorted(got.keys() - ref.keys())
-    shapes = [k for k in ref.keys() & got.keys() if ref[k] != got[k]]
+    shapes = [k for k in sorted(ref.keys() & got.keys()) if ref[k] != got[k]]
     detail = f"missing {missing[:3]}" if missing else f"extra {extra[:3]}" if extra else (
         f"{shapes[0]}: {got[shapes[0]]} vs {ref[shapes[0]]}"
     )

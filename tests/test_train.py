@@ -74,7 +74,8 @@ def test_a_finished_run_is_not_overwritten(tmp_path, data_dir):
     run(cfg)
     with pytest.raises(ConfigError, match="already holds a run.*--init_from=resume"):
         run(cfg)
-    with pytest.raises(CheckpointError, match="model does not match this config.*c_fc.weight: \\(128, 32\\) vs model \\(256, 64\\)"):
+    with pytest.raises(CheckpointError, match=r"model does not match this config.*shapes \['transformer.h.0.attn.c_attn.weight: "
+                                              r"\(96, 32\) vs model \(192, 64\)"):
         run(cfg.replace(init_from="resume", n_embd=64, max_steps=20))
 
 
