@@ -23,7 +23,7 @@ grad_clip = 1.0
 
 ema_decay = 0.9
 lawa_k = 5
-lawa_nu = 20
+lawa_nu = 10
 lawa_interval = 50
 lawa_online = False
 swa_start = 0.75

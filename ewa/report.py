@@ -197,26 +197,37 @@ def render(run: RunCurves, extra: str = "") -> str:
 # plots
 
 
-def _plot(series: dict[str, Curve], path: Path, title: str, tokens_per_step: int) -> None:
+def _plot(series: dict[str, Curve], path: Path, title: str, tokens_per_step: int, baseline: str | None = "Original") -> None:
+    """Val loss curves, and below them each curve minus ``baseline`` (small gains are visible)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    finals = []
+    rows = 2 if baseline in series else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 3.2 + 2.2 * (rows - 1)), dpi=120, sharex=True,
+                             gridspec_kw={"height_ratios": [3, 2][:rows]}, squeeze=False)
+    top = axes[0, 0]
+    values = []
     for name, curve in series.items():
         steps = sorted(s for s in curve if s > 0)
-        ax.plot(steps, [curve[s] for s in steps], label=name, marker="o" if len(steps) < 30 else None, ms=3, lw=1.6)
-        finals += [curve[s] for s in steps]
-    if finals:  # leave out the first evals, where every curve is far above the rest
-        lo, hi = min(finals), sorted(finals)[int(0.9 * (len(finals) - 1))]
-        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
-    ax.set_xlabel(f"training step ({tokens_per_step:,} tokens each)")
-    ax.set_ylabel("validation loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        top.plot(steps, [curve[s] for s in steps], label=name, marker="o", ms=3, lw=1.6)
+        values += [curve[s] for s in steps]
+        if rows == 2:
+            shared = [s for s in steps if s in series[baseline]]
+            axes[1, 0].plot(shared, [curve[s] - series[baseline][s] for s in shared], marker="o", ms=3, lw=1.6)
+    if values:  # leave out the first evals, where every curve is far above the rest
+        lo, hi = min(values), sorted(values)[int(0.9 * (len(values) - 1))]
+        top.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
+    top.set_ylabel("validation loss")
+    top.set_title(title)
+    top.legend()
+    if rows == 2:
+        axes[1, 0].axhline(0, color="gray", lw=0.8)
+        axes[1, 0].set_ylabel(f"minus {baseline}")
+    axes[-1, 0].set_xlabel(f"training step ({tokens_per_step:,} tokens each)")
+    for ax in axes[:, 0]:
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -238,7 +249,7 @@ def plot_lr_compare(high: RunCurves, low: RunCurves, path: Path, lawa_name: str)
         series[f"Original, {label}"] = run.curves["Original"]
         if lawa_name in run.curves:
             series[f"LAWA, {label}"] = run.curves[lawa_name]
-    _plot(series, path, "LAWA gain at a high and a low learning rate", high.tokens_per_step)
+    _plot(series, path, "LAWA gain at a high and a low learning rate", high.tokens_per_step, baseline=None)
 
 
 def lr_compare_text(high: RunCurves, low: RunCurves, high_lr: float, low_lr: float, lawa_name: str) -> str:
