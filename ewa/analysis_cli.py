@@ -98,10 +98,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
 
 def open_evaluated(path: str, args: argparse.Namespace) -> Source:
     """A run's checkpoints, with the evaluation settings overridden from the command line."""
-    source = open_source(path, args.kind, args.config)
-    overrides = {k: getattr(args, k) for k in EVAL_OVERRIDES if getattr(args, k) is not None}
-    source.config = source.config.replace(**overrides)
-    return source
+    return open_source(path, args.kind, args.config, **{k: getattr(args, k) for k in EVAL_OVERRIDES})
 
 
 def evaluator_for(source: Source, runtime: Runtime | None = None) -> tuple[GPT, Evaluator, str]:

@@ -41,14 +41,14 @@ class Averager:
         raise NotImplementedError
 
     def _named(self, tensors: Tensors) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, tensors))
+        return dict(zip(self.names, tensors, strict=True))
 
     def _unnamed(self, named: dict[str, torch.Tensor], like: Tensors | None = None) -> Tensors:
         if list(named) != self.names:
             raise ValueError(f"{self.name} state does not match the model's parameters")
         tensors = list(named.values())
         if like is not None:
-            tensors = [t.to(device=x.device, dtype=torch.float32) for t, x in zip(tensors, like)]
+            tensors = [t.to(device=x.device, dtype=torch.float32) for t, x in zip(tensors, like, strict=True)]
         return tensors
 
 
@@ -160,5 +160,5 @@ class OnlineLAWA(Averager):
                 f"online LAWA state has k={state['k']}, nu={state['nu']}, the config k={self.k}, nu={self.nu}"
             )
         self.window = deque(
-            ((s, self._unnamed(t)) for s, t in zip(state["steps"], state["tensors"])), maxlen=self.k
+            ((s, self._unnamed(t)) for s, t in zip(state["steps"], state["tensors"], strict=True)), maxlen=self.k
         )

@@ -44,7 +44,7 @@ def swapped_weights(params: list[torch.Tensor], weights: list[torch.Tensor]) -> 
     the compiled graph is reused for its evaluation), restoring the originals afterwards."""
     backup = [p.detach().clone() for p in params]
     with torch.no_grad():
-        torch._foreach_copy_(params, [w.to(p.device, p.dtype) for w, p in zip(weights, params)])
+        torch._foreach_copy_(params, [w.to(p.device, p.dtype) for w, p in zip(weights, params, strict=True)])
     try:
         yield
     finally:

@@ -16,7 +16,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -53,15 +52,16 @@ def load_eval_config(path: str | None, run_dir: Path | None) -> TrainConfig:
     return TrainConfig()
 
 
-def open_source(path: str | Path, kind: str = "raw", config: str | None = None) -> Source:
-    """A run directory (its ``snapshots/<kind>``) or any folder of checkpoints."""
+def open_source(path: str | Path, kind: str = "raw", config: str | None = None, **overrides: object) -> Source:
+    """A run directory (its ``snapshots/<kind>``) or any folder of checkpoints; ``overrides``
+    (data_dir, eval_tokens, ...) replace the evaluation config's values."""
     path = Path(path)
     run_dir = path if (path / "snapshots").is_dir() and (path / "config.json").exists() else None
     folder = run_dir / "snapshots" / kind if run_dir else path
     paths = list_checkpoints(folder)
     if not paths:
         raise CheckpointError(f"{folder}: no checkpoints found (expected files named by step, e.g. step_00001000.safetensors)")
-    cfg = load_eval_config(config, run_dir)
+    cfg = load_eval_config(config, run_dir).replace(**{k: v for k, v in overrides.items() if v is not None})
     shape = model_config_of(Weights(paths[min(paths)]))
     if shape is None:
         if run_dir is None and config is None:
@@ -149,9 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace) -> tuple[Source, dict[str, int]]:
-    source = open_source(args.path, args.kind, args.config)
     overrides = {k: getattr(args, k) for k in ("data_dir", "eval_tokens", "eval_batch_size", "device", "dtype")}
-    source.config = source.config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    source = open_source(args.path, args.kind, args.config, **overrides)
     cfg = source.config
     plan = {
         "k": args.k or cfg.lawa_k,
@@ -194,6 +193,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         if not windows:
             raise CheckpointError(f"{source.folder}: no LAWA window fits (k={plan['k']}, nu={plan['nu']}, start={plan['start']})")
         complete = streaming_order([w for w in windows if w.complete], plan["nu"])
+        if not complete:
+            w = windows[0]
+            raise CheckpointError(f"{source.folder}: every LAWA window lacks checkpoints (the one at step {w.step} "
+                                  f"lacks steps {list(w.missing)}); choose nu a multiple of the snapshot interval")
         check_checkpoints({s: source.paths[s] for w in complete for s in w.members})
         mine = _chunk(complete, runtime)
         model, evaluator, eval_fp = build_evaluator(source, runtime)
@@ -220,7 +223,7 @@ def report(args: argparse.Namespace, source: Source, plan: dict, results: list[d
     default_dir = source.run_dir or source.folder
     out = Path(args.out) if args.out else default_dir / f"lawa_k{plan['k']}_nu{plan['nu']}.jsonl"
     run = (
-        open_wandb("early-weight-averaging", args.wandb_run_name, source.config.wandb_mode, {**plan, "path": str(args.path)}, default_dir)
+        open_wandb(source.config.wandb_project, args.wandb_run_name, source.config.wandb_mode, {**plan, "path": str(args.path)}, default_dir)
         if args.wandb_log
         else NullRun()
     )

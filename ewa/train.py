@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -183,7 +184,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "model": dict(zip(self.names, (p.detach() for p in self.params))),
+            "model": dict(zip(self.names, (p.detach() for p in self.params), strict=True)),
             "optimizer": self.optimizer.state_dict(),
             "averagers": {name: a.state_dict() for name, a in self.averagers.items()},
             "config": self.cfg.to_dict(),
@@ -387,7 +388,7 @@ class Trainer:
             if tensors is None:
                 continue
             path = snapshot_dir(self.run_dir, kind) / snapshot_name(self.step)
-            self.guarded_write(path, lambda: save_snapshot(path, dict(zip(self.names, tensors)), meta | {"kind": kind}))
+            self.guarded_write(save_snapshot, path, dict(zip(self.names, tensors, strict=True)), meta | {"kind": kind})
             if self.step == 0 and kind == "raw":
                 print(f"snapshot size {path.stat().st_size / 2**20:.1f} MiB ({path.parent})")
         if self.cfg.max_snapshots:
@@ -409,16 +410,18 @@ class Trainer:
 
     def save_resume_checkpoint(self) -> None:
         path = resume_dir(self.run_dir) / f"step_{self.step:08d}.pt"
-        self.guarded_write(path, lambda: save_resume(path, self.state_dict()))
+        self.guarded_write(save_resume, path, self.state_dict())
         if self.cfg.keep_resume:
             keep = set(sorted(list_checkpoints(path.parent))[-self.cfg.keep_resume :]) | {self.cfg.swa_start_step()}
             for step, old in list_checkpoints(path.parent).items():
                 if step not in keep:
                     old.unlink()
 
-    def guarded_write(self, path: Path, write) -> None:
+    def guarded_write(self, write: Callable[..., Any], path: Path, *args: Any) -> None:
+        """``write(path, *args)``; a failure (disk full, read-only) stops the run naming the
+        file and the last good resume checkpoint."""
         try:
-            write()
+            write(path, *args)
         except OSError as e:
             saved = self.resume_checkpoints()
             last = f"; the last good resume checkpoint is {saved[max(saved)]}" if saved else ""

@@ -1,5 +1,8 @@
 import json
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,15 +101,20 @@ def test_shakespeare_markup_is_stripped():
     assert ns["play_to_text"](md) == "KING:\nO, [aside] my lord--\n\nQUEEN:\nAy.\n\n"
 
 
-def test_openwebtext_prepare_core_on_local_text(tmp_path):
-    ns = runpy.run_path(str(ROOT / "data" / "openwebtext" / "prepare.py"))
+def test_openwebtext_prepare_on_local_text_with_two_processes(tmp_path):
+    # run as a user does: datasets forks worker processes, which must not inherit this test
+    # process's threads (torch's thread pools are running by now)
     src = tmp_path / "src"
     src.mkdir()
     for i in range(30):
         (src / f"doc{i}.txt").write_text(f"Document number {i}. " * 20)
-    counts = ns["prepare"](str(src), tmp_path / "out", tokenizer="gpt2", num_proc=2)
+    cmd = [sys.executable, "data/openwebtext/prepare.py", f"--source={src}", f"--out_dir={tmp_path / 'out'}", "--num_proc=2"]
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["tokenizer"] == "gpt2" and meta["dtype"] == "uint16" and meta["tokens"] == counts
+    counts = meta["tokens"]
+    assert meta["tokenizer"] == "gpt2" and meta["dtype"] == "uint16" and f"train: {counts['train']:,} tokens" in proc.stdout
     train = np.memmap(tmp_path / "out" / "train.bin", dtype=np.uint16, mode="r")
     assert len(train) == counts["train"] and counts["val"] > 0
     assert (train == 50256).sum() == 29  # one end-of-text token per training document

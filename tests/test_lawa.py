@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT, tiny_config
-from ewa.checkpoint import CheckpointError, list_checkpoints, load_weights, snapshot_name
+from ewa.checkpoint import CheckpointError, load_weights, snapshot_name
 from ewa.lawa import RunningAverage, Window, plan_windows, reference_average, stream_averages, streaming_order
 from ewa.lawa_cli import parse_args
 from ewa.lawa_cli import run as run_lawa
@@ -147,6 +146,9 @@ def test_bad_folders_give_errors_naming_the_file(tmp_path, data_dir):
     # no model shape recorded and no config given
     with pytest.raises(CheckpointError, match="records no model shape; pass --config"):
         run_lawa(parse_args([str(tmp_path / "ckpts"), *opts]))
+    with pytest.raises(CheckpointError, match=r"every LAWA window lacks checkpoints \(the one at step 20 lacks steps \[5\]\)"):
+        run_lawa(parse_args([str(tmp_path / "ckpts"), "--k=2", "--nu=15", "--interval=10", "--start=20", f"--data_dir={data_dir}",
+                             "--device=cpu", "--config=configs/tiny.py"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="empty: no checkpoints found"):
         run_lawa(parse_args([str(tmp_path / "empty"), *opts]))

@@ -255,8 +255,9 @@ def test_a_failing_rank_fails_the_whole_job_promptly(tmp_path, data_dir):
         (["--init_from=/nonexistent.pt"], "error: /nonexistent.pt: no such checkpoint file or directory"),
     ],
 )
-def test_bad_input_gives_one_clear_line(args, message, tmp_path):
-    proc = subprocess.run([sys.executable, "train_small.py", "configs/tiny.py", f"--out_dir={tmp_path}", *args],
+def test_bad_input_gives_one_clear_line(args, message, tmp_path, data_dir):
+    base = ["configs/tiny.py", f"--out_dir={tmp_path}", f"--data_dir={data_dir}"]  # a later --data_dir wins
+    proc = subprocess.run([sys.executable, "train_small.py", *base, *args],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == message or message in proc.stderr
