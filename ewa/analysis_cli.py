@@ -43,12 +43,11 @@ from ewa.checkpoint import CheckpointError, atomic_write, atomic_write_text
 from ewa.config import ConfigError
 from ewa.data import DataError
 from ewa.evaluate import Evaluator
-from ewa.lawa_cli import Source, build_evaluator, open_source
+from ewa.lawa_cli import Source, add_eval_options, build_evaluator, open_from_args
 from ewa.logger import read_metrics
 from ewa.runtime import Runtime, init_runtime
 from model import GPT
 
-EVAL_OVERRIDES = ("data_dir", "eval_tokens", "eval_batch_size", "device", "dtype")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,20 +84,14 @@ def float_list(text: str) -> list[float]:
     return values
 
 
-def add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", default="raw", choices=["raw", "ema", "swa"], help="which snapshots of a run directory")
-    p.add_argument("--config", help="config.json of a run, or a config file, for a folder that is not a run")
-    p.add_argument("--data_dir", help="evaluation data (default: the run's)")
-    p.add_argument("--eval_tokens", type=int, help="held-out tokens (default: the run's)")
-    p.add_argument("--eval_batch_size", type=int)
-    p.add_argument("--device", help="auto, cpu, cuda (default: the run's)")
-    p.add_argument("--dtype", help="auto, bfloat16, float32 (default: the run's)")
+def add_analysis_options(p: argparse.ArgumentParser) -> None:
+    add_eval_options(p)
     p.add_argument("--out_dir", help="where the table, records and plot go (default: the run directory)")
 
 
 def open_evaluated(path: str, args: argparse.Namespace) -> Source:
     """A run's checkpoints, with the evaluation settings overridden from the command line."""
-    return open_source(path, args.kind, args.config, **{k: getattr(args, k) for k in EVAL_OVERRIDES})
+    return open_from_args(args, path)
 
 
 def evaluator_for(source: Source, runtime: Runtime | None = None) -> tuple[GPT, Evaluator, str]:
@@ -389,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--interval", type=integer(1), help="steps between evaluations (default: the run's eval_interval)")
     a.add_argument("--start", type=integer(0), default=0, help="first evaluation step (default 0)")
     a.add_argument("--end", type=integer(0), help="last evaluation step (default: the last checkpoint)")
-    add_eval_options(a)
+    add_analysis_options(a)
     a.set_defaults(func=cmd_ablation)
 
     m = sub.add_parser("lmc", help="val loss along the line between two checkpoints (appendix A.3)")
@@ -402,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="0,0.2,0.4,0.6,0.8,1",
         help="weights of θa to evaluate (default 0,0.2,...,1); 0 and 1 are always added",
     )
-    add_eval_options(m)
+    add_analysis_options(m)
     m.set_defaults(func=cmd_lmc)
 
     d = sub.add_parser("diversity", help="top-1 disagreement between checkpoints vs their distance (section 2.2)")
@@ -413,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--distances", type=int_list(1), help="distances d (default: 1, 2, 5, 10, ... x the snapshot spacing)"
     )
-    add_eval_options(d)
+    add_analysis_options(d)
     d.set_defaults(func=cmd_diversity)
 
     s = sub.add_parser(

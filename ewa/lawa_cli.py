@@ -126,6 +126,26 @@ def format_table(results: list[dict], skipped: list[Window]) -> str:
     return "\n".join(lines)
 
 
+EVAL_OVERRIDES = ("data_dir", "eval_tokens", "eval_batch_size", "device", "dtype")
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    """Which snapshots to read and how to evaluate them (lawa.py and analyze.py)."""
+    p.add_argument("--kind", default="raw", choices=["raw", "ema", "swa"], help="which snapshots of a run directory")
+    p.add_argument("--config", help="config.json of a run, or a config file, for a folder that is not a run")
+    p.add_argument("--data_dir", help="evaluation data (default: the run's)")
+    p.add_argument("--eval_tokens", type=int, help="held-out tokens (default: the run's)")
+    p.add_argument("--eval_batch_size", type=int, help="sequences per forward pass (default: the run's)")
+    p.add_argument("--device", help="auto, cpu, cuda (default: the run's)")
+    p.add_argument("--dtype", help="auto, bfloat16, float32 (default: the run's)")
+
+
+def open_from_args(args: argparse.Namespace, path: str | Path | None = None) -> Source:
+    """The checkpoints at ``path`` (default: args.path) with the evaluation options applied."""
+    overrides = {k: getattr(args, k) for k in EVAL_OVERRIDES}
+    return open_source(args.path if path is None else path, args.kind, args.config, **overrides)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lawa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a run directory, or a folder of checkpoints named by step")
@@ -134,13 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, help="steps between windows (default: lawa_interval)")
     p.add_argument("--start", type=int, help="first window step (default: lawa_start)")
     p.add_argument("--end", type=int, help="last window step (default: the last checkpoint)")
-    p.add_argument("--kind", default="raw", choices=["raw", "ema", "swa"], help="which snapshots of a run directory")
-    p.add_argument("--config", help="config.json of a run, or a config file, for a folder that is not a run")
-    p.add_argument("--data_dir", help="evaluation data (default: the run's)")
-    p.add_argument("--eval_tokens", type=int, help="held-out tokens (default: the run's)")
-    p.add_argument("--eval_batch_size", type=int)
-    p.add_argument("--device", help="auto, cpu, cuda (default: the run's)")
-    p.add_argument("--dtype", help="auto, bfloat16, float32 (default: the run's)")
+    add_eval_options(p)
     p.add_argument("--save_dir", help="also write each averaged checkpoint here (safetensors)")
     p.add_argument("--out", help="JSONL of the results (default: <run>/lawa_k<k>_nu<nu>.jsonl)")
     p.add_argument("--wandb_log", action="store_true")
@@ -149,8 +163,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace) -> tuple[Source, dict[str, int]]:
-    overrides = {k: getattr(args, k) for k in ("data_dir", "eval_tokens", "eval_batch_size", "device", "dtype")}
-    source = open_source(args.path, args.kind, args.config, **overrides)
+    source = open_from_args(args)
     cfg = source.config
     plan = {
         "k": args.k or cfg.lawa_k,
