@@ -42,7 +42,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ewa.checkpoint import CheckpointError, Weights, atomic_dir, atomic_write_text, check_compatible, list_checkpoints
+from ewa.config import ConfigError
 from ewa.lawa import Window, plan_windows
+from ewa.runtime import resolve_device
 from ewa.logger import MetricsLogger, read_metrics
 
 if TYPE_CHECKING:  # transformers and lm_eval take seconds to import: only the commands needing them do
@@ -263,14 +265,6 @@ def save_window(out_dir: Path, source: Source, window: Window, plan: LawaPlan) -
 
 # ---------------------------------------------------------------------------------------------
 # models under evaluation
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
 
 
 def load_model(folder: Path, device: torch.device, dtype: str = "auto") -> PreTrainedModel:
@@ -765,5 +759,5 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (CheckpointError, InputError) as e:
+    except (CheckpointError, ConfigError, InputError) as e:
         sys.exit(f"error: {e}")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ewa.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -55,13 +57,14 @@ class Runtime:
         return bool(t.item())
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> the GPU when there is one, else the CPU; ``cuda`` -> this process's GPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         device = f"cuda:{local_rank}"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device} asked for, but no CUDA GPU is visible; use --device=cpu")
+        raise ConfigError(f"device={device} asked for, but no CUDA GPU is visible; use --device=cpu")
     return torch.device(device)
 
 
@@ -77,7 +80,7 @@ def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    dev = _resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -253,6 +253,8 @@ def test_a_failing_rank_fails_the_whole_job_promptly(tmp_path, data_dir):
         (["--n_layers=3"], "error: command line: unknown config key 'n_layers'; did you mean n_layer"),
         (["--max_steps=1.5"], "error: --max_steps=1.5: expected an int"),
         (["--init_from=/nonexistent.pt"], "error: /nonexistent.pt: no such checkpoint file or directory"),
+        pytest.param(["--device=cuda"], "error: device=cuda:0 asked for, but no CUDA GPU is visible; use --device=cpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message, tmp_path, data_dir):
