@@ -132,11 +132,8 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position and the mean cross-entropy when ``targets`` is given;
-        without targets only the last position's logits are computed (for generation)."""
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final layer-normed hidden state of every position."""
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
@@ -144,12 +141,22 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(None, mean cross-entropy)`` with ``targets`` (no logits are kept), else the
+        last position's logits (for generation); ``logits`` gives every position's."""
+        x = self.hidden(idx)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at every position."""
+        return self.lm_head(self.hidden(idx))
 
     def configure_optimizers(
         self,

@@ -7,8 +7,11 @@ averaging; each averager adds its update times to them. All share the same proce
 and data, so there is no drift between a run with and a run without averaging.
 
 An averager acts every ``every`` steps (EMA 1, SWA ``swa_every``, LAWA ``lawa_nu``, which
-copies the weights to the CPU); its cost per step is the median time of the updates that
-acted divided by ``every``. SWA is started at step 0 so that it averages during the loop.
+copies the weights into one of its k slots); its cost per step is the median time of the
+updates that acted divided by ``every``. SWA is started at step 0 so that it averages during
+the loop. The last row, ``all, background``, is what ``averaging_device=cpu`` costs the
+training thread: the three averagers in pinned host memory, updated by a background thread
+from a copy made on a side stream (its time is the thread's blocked time, per step).
 
     python bench/averaging_overhead.py                                # CPU, configs/tiny.py
     python bench/averaging_overhead.py --device=cuda --config=configs/small.py --data_dir=data/shakespeare
@@ -18,7 +21,10 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,7 +38,7 @@ from bench.common import (  # noqa: E402
     trainer_parser,
     trainer_summary,
 )
-from ewa.averaging import EMA, SWA, Averager, OnlineLAWA  # noqa: E402
+from ewa.averaging import EMA, SWA, Averager, Averaging, OnlineLAWA  # noqa: E402
 
 TARGET = 0.03  # the most each averager may add to the step time
 
@@ -53,25 +59,39 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     args, overrides = parse(p, argv, overrides=True)
     with bench_trainer(args, overrides, ema=False, swa=False, lawa_online=False) as trainer:
-        cfg, device, params = trainer.cfg, trainer.rt.device, trainer.params
+        cfg, device, share, shares = trainer.cfg, trainer.rt.device, trainer.share, trainer.layout.shares
         if args.steps < max(cfg.swa_every, cfg.lawa_nu):
             p.error(f"--steps={args.steps} must be at least swa_every={cfg.swa_every} and lawa_nu={cfg.lawa_nu}")
-        averagers: dict[str, tuple[Averager, int]] = {
-            "ema": (EMA(trainer.names, params, cfg.ema_decay), 1),
-            "lawa": (OnlineLAWA(trainer.names, cfg.lawa_k, cfg.lawa_nu), cfg.lawa_nu),
-            "swa": (SWA(trainer.names, 0, cfg.swa_every), cfg.swa_every),
-        }
+
+        def make(where: torch.device, pin: bool) -> dict[str, Averager]:
+            return {
+                "ema": EMA(shares, share, cfg.ema_decay, where, pin),
+                "lawa": OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, where, pin),
+                "swa": SWA(shares, 0, cfg.swa_every, where, pin),
+            }
+
+        averagers = make(device, False)
+        every = {"ema": 1, "lawa": cfg.lawa_nu, "swa": cfg.swa_every}
+        background = Averaging(make(torch.device("cpu"), device.type == "cuda"), share, shares, host=True)
+        trainer.averaging = background  # train_step makes the GPU wait for its copies before the optimizer step
         step_times: list[float] = []
-        update_times: dict[str, list[float]] = {name: [] for name in averagers}
+        update_times: dict[str, list[float]] = {name: [] for name in [*averagers, "all, background"]}
         for i in range(args.warmup + args.steps):
             seconds = timed(trainer.train_step, device)
             timed_step = i >= args.warmup
             if timed_step:
                 step_times.append(seconds)
-            for name, (averager, every) in averagers.items():
-                seconds = timed(functools.partial(averager.update, params, trainer.step), device)
-                if timed_step and trainer.step % every == 0:
-                    update_times[name].append(seconds)
+            for name, averager in averagers.items():
+                if averager.acts(trainer.step):
+                    seconds = timed(functools.partial(averager.update, share, trainer.step), device)
+                    if timed_step:
+                        update_times[name].append(seconds)
+            start = time.perf_counter()  # blocked time only: the GPU and the thread work on
+            background.update(trainer.step)
+            if timed_step:
+                update_times["all, background"].append(time.perf_counter() - start)
+        background.close()
+        every["all, background"] = 1
         step = median(step_times)
         rows = [
             {
@@ -83,14 +103,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "overhead": 0.0,
             }
         ]
-        for name, (_, every) in averagers.items():
-            cost = median(update_times[name]) / every
+        for name, times in update_times.items():
+            cost = median(times) / every[name]
             rows.append(
                 {
                     "averaging": name,
-                    "every": every,
-                    "updates": len(update_times[name]),
-                    "ms_per_update": 1000 * median(update_times[name]),
+                    "every": every[name],
+                    "updates": len(times),
+                    "ms_per_update": 1000 * median(times),
                     "ms_per_step": 1000 * cost,
                     "overhead": cost / step,
                 }

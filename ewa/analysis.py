@@ -165,8 +165,7 @@ def predictions(model: GPT, evaluator: Evaluator) -> torch.Tensor:
     for batch in evaluator.local.split(evaluator.batch_size):
         batch = batch.to(evaluator.runtime.device)
         with evaluator.runtime.autocast():
-            logits, _ = model(batch[:, :-1], batch[:, 1:])  # targets make the model return every position
-        out.append(logits.argmax(-1).cpu())
+            out.append(model.logits(batch[:, :-1]).argmax(-1).cpu())
     return torch.cat(out)
 
 

@@ -1,82 +1,96 @@
-"""Weight averages kept during training: EMA, SWA and online LAWA.
+"""Weight averages kept during training: EMA, SWA and online LAWA, over this rank's share.
 
-Each averager sees the model's parameters after every optimizer step (``update``) and also
-the initial weights (``update`` at the run's first step), holds its average in fp32 whatever
-the training precision, and saves its counters with its tensors (``state_dict``) so a
-resumed run continues the same average. Updates use multi-tensor ``torch._foreach_*`` ops.
+Each averager holds fp32 state for the rank's share of the parameters only (see
+``ewa.parallel``): a flat buffer viewed as the share's pieces. It sees the share after every
+optimizer step it ``acts`` on (and at the run's first step, the initial weights), and keeps
+its counters with its tensors so a resumed run continues the same average. Updates are
+multi-tensor ``torch._foreach_*`` ops.
+
+``Averaging`` runs them. With ``host=True`` their state lives in (pinned) host memory: after
+a step the share is copied to a host staging buffer on a side CUDA stream, and a background
+thread applies the updates, so the training thread never waits for them; the copy is waited
+for on the GPU before the optimizer next changes the weights (``before_params_change``), and
+the thread's work before the state is next read (``wait``).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
+from ewa.parallel import Shares
+
 Tensors = list[torch.Tensor]
-
-
-def _fp32(params: Tensors) -> Tensors:
-    return [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in params]
+SUM_BLOCK = 1 << 22  # elements summed in float64 at a time by online LAWA
 
 
 class Averager:
-    """Interface: ``update(params, step)``, ``averaged(step)`` (fp32 tensors in parameter
-    order, or None when there is no average at that step), ``state_dict``/``load_state_dict``."""
+    """Interface: ``acts(step)``, ``update(share, step)``, ``averaged(step)`` (the flat fp32
+    average of the share, or None when there is none at that step), ``tensors()`` (the
+    flat state buffers, for checkpoints) and ``counters()`` / ``load_counters``."""
 
     name = ""
 
-    def __init__(self, names: list[str]):
-        self.names = list(names)
+    def __init__(self, shares: Shares, device: torch.device, pin: bool):
+        self.shares, self.device, self.pin = shares, device, pin
 
-    def update(self, params: Tensors, step: int) -> None:
+    def _buffer(self) -> tuple[torch.Tensor, Tensors]:
+        flat = self.shares.alloc(self.device, self.pin)
+        return flat, self.shares.split(flat)
+
+    def acts(self, step: int) -> bool:
         raise NotImplementedError
 
-    def averaged(self, step: int) -> Tensors | None:
+    def update(self, share: Tensors, step: int) -> None:
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
+    def averaged(self, step: int) -> torch.Tensor | None:
         raise NotImplementedError
 
-    def load_state_dict(self, state: dict) -> None:
+    def tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def _named(self, tensors: Tensors) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, tensors, strict=True))
+    def counters(self) -> dict:
+        raise NotImplementedError
 
-    def _unnamed(self, named: dict[str, torch.Tensor], like: Tensors | None = None) -> Tensors:
-        if list(named) != self.names:
-            raise ValueError(f"{self.name} state does not match the model's parameters")
-        tensors = list(named.values())
-        if like is not None:
-            tensors = [t.to(device=x.device, dtype=torch.float32) for t, x in zip(tensors, like, strict=True)]
-        return tensors
+    def load_counters(self, counters: dict) -> None:
+        raise NotImplementedError
 
 
 class EMA(Averager):
-    """Exponential moving average: ``ema = decay * ema + (1 - decay) * weights`` every step."""
+    """Exponential moving average: ``ema = decay * ema + (1 - decay) * weights`` every step,
+    starting from the initial weights."""
 
     name = "ema"
 
-    def __init__(self, names: list[str], params: Tensors, decay: float):
-        super().__init__(names)
-        self.decay = decay
-        self.shadow = [p.detach().clone().float() for p in params]
-        self.num_updates = 0
+    def __init__(self, shares: Shares, initial: Tensors, decay: float, device: torch.device, pin: bool = False):
+        super().__init__(shares, device, pin)
+        self.decay, self.num_updates = decay, 0
+        self.flat, self.views = self._buffer()
+        torch._foreach_copy_(self.views, initial)
+
+    def acts(self, step: int) -> bool:
+        return True
 
     @torch.no_grad()
-    def update(self, params: Tensors, step: int) -> None:
-        torch._foreach_lerp_(self.shadow, _fp32(params), 1.0 - self.decay)
+    def update(self, share: Tensors, step: int) -> None:
+        torch._foreach_lerp_(self.views, share, 1.0 - self.decay)
         self.num_updates += 1
 
-    def averaged(self, step: int) -> Tensors:
-        return self.shadow
+    def averaged(self, step: int) -> torch.Tensor:
+        return self.flat
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "tensors": self._named(self.shadow)}
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weights": self.flat}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.decay, self.num_updates = state["decay"], state["num_updates"]
-        self.shadow = self._unnamed(state["tensors"], like=self.shadow)
+    def counters(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates}
+
+    def load_counters(self, counters: dict) -> None:
+        self.decay, self.num_updates = counters["decay"], counters["num_updates"]
 
 
 class SWA(Averager):
@@ -85,80 +99,158 @@ class SWA(Averager):
 
     name = "swa"
 
-    def __init__(self, names: list[str], start: int, every: int):
-        super().__init__(names)
-        self.start, self.every = start, every
-        self.mean: Tensors = []
-        self.num_averaged = 0
+    def __init__(self, shares: Shares, start: int, every: int, device: torch.device, pin: bool = False):
+        super().__init__(shares, device, pin)
+        self.start, self.every, self.num_averaged = start, every, 0
+        self.flat, self.views = self._buffer()
+        self.flat.zero_()
+
+    def acts(self, step: int) -> bool:
+        return step > self.start and (step - self.start) % self.every == 0
 
     @torch.no_grad()
-    def update(self, params: Tensors, step: int) -> None:
-        if step <= self.start or (step - self.start) % self.every:
-            return
-        if not self.mean:
-            self.mean = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    def update(self, share: Tensors, step: int) -> None:
         self.num_averaged += 1
-        torch._foreach_lerp_(self.mean, _fp32(params), 1.0 / self.num_averaged)
+        torch._foreach_lerp_(self.views, share, 1.0 / self.num_averaged)
 
-    def averaged(self, step: int) -> Tensors | None:
-        return self.mean if self.num_averaged else None
+    def averaged(self, step: int) -> torch.Tensor | None:
+        return self.flat if self.num_averaged else None
 
-    def state_dict(self) -> dict:
-        return {
-            "start": self.start,
-            "every": self.every,
-            "num_averaged": self.num_averaged,
-            "tensors": self._named(self.mean) if self.mean else {},
-        }
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weights": self.flat}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.start, self.every, self.num_averaged = state["start"], state["every"], state["num_averaged"]
-        self.mean = self._unnamed(state["tensors"]) if state["tensors"] else []
+    def counters(self) -> dict:
+        return {"start": self.start, "every": self.every, "num_averaged": self.num_averaged}
+
+    def load_counters(self, counters: dict) -> None:
+        self.start, self.every, self.num_averaged = counters["start"], counters["every"], counters["num_averaged"]
 
 
 class OnlineLAWA(Averager):
-    """LAWA during training: keeps (on the CPU) the weights at the k latest multiples of nu,
+    """LAWA during training: keeps the share at the k latest multiples of nu in k slots,
     and at a step t that is one of them averages t, t - nu, ..., t - (k-1)*nu in float64:
     the same window, and the same figure, as offline ``lawa.py`` over the run's snapshots."""
 
     name = "lawa"
 
-    def __init__(self, names: list[str], k: int, nu: int):
-        super().__init__(names)
+    def __init__(self, shares: Shares, k: int, nu: int, device: torch.device, pin: bool = False):
+        super().__init__(shares, device, pin)
         self.k, self.nu = k, nu
-        self.window: deque[tuple[int, Tensors]] = deque(maxlen=k)
+        self.slots = [self._buffer() for _ in range(k)]
+        self.slot_steps = [-1] * k  # the step each slot holds (-1: empty)
+        self.mean = self.shares.alloc(device, pin)
+
+    def acts(self, step: int) -> bool:
+        return step % self.nu == 0
 
     @torch.no_grad()
-    def update(self, params: Tensors, step: int) -> None:
-        if step % self.nu == 0:
-            self.window.append((step, [p.detach().to("cpu", torch.float32, copy=True) for p in params]))
+    def update(self, share: Tensors, step: int) -> None:
+        slot = min(range(self.k), key=lambda i: self.slot_steps[i])  # an empty or the oldest slot
+        torch._foreach_copy_(self.slots[slot][1], share)
+        self.slot_steps[slot] = step
 
     def window_steps(self) -> list[int]:
-        return [s for s, _ in self.window]
+        return sorted(s for s in self.slot_steps if s >= 0)
 
     @torch.no_grad()
-    def averaged(self, step: int) -> Tensors | None:
+    def averaged(self, step: int) -> torch.Tensor | None:
         expected = [step - j * self.nu for j in reversed(range(self.k))]
         if self.window_steps() != expected:
             return None
-        n = len(self.window)
-        return [
-            (sum(w[i].double() for _, w in self.window) / n).float() for i in range(len(self.names))
-        ]
+        members = [self.slots[self.slot_steps.index(s)][0] for s in expected]  # oldest first
+        for a in range(0, self.shares.numel, SUM_BLOCK):
+            acc = members[0][a : a + SUM_BLOCK].double()
+            for m in members[1:]:
+                acc += m[a : a + SUM_BLOCK]
+            torch.div(acc, self.k, out=self.mean[a : a + SUM_BLOCK])
+        return self.mean
 
-    def state_dict(self) -> dict:
-        return {
-            "k": self.k,
-            "nu": self.nu,
-            "steps": self.window_steps(),
-            "tensors": [self._named(w) for _, w in self.window],
-        }
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"slot{i}": flat for i, (flat, _) in enumerate(self.slots)}
 
-    def load_state_dict(self, state: dict) -> None:
-        if (state["k"], state["nu"]) != (self.k, self.nu):
+    def counters(self) -> dict:
+        return {"k": self.k, "nu": self.nu, "slot_steps": list(self.slot_steps)}
+
+    def load_counters(self, counters: dict) -> None:
+        if (counters["k"], counters["nu"]) != (self.k, self.nu):
             raise ValueError(
-                f"online LAWA state has k={state['k']}, nu={state['nu']}, the config k={self.k}, nu={self.nu}"
+                f"online LAWA state has k={counters['k']}, nu={counters['nu']}, the config k={self.k}, nu={self.nu}"
             )
-        self.window = deque(
-            ((s, self._unnamed(t)) for s, t in zip(state["steps"], state["tensors"], strict=True)), maxlen=self.k
-        )
+        self.slot_steps = list(counters["slot_steps"])
+
+
+def copy_share(dst: Tensors, src: Tensors, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+    """``dst <- src``; from a GPU, asynchronously on ``stream`` once the current stream's work
+    is done, returning the event that marks the copy's end (None: the copy is done)."""
+    if stream is None or src[0].device.type != "cuda":
+        torch._foreach_copy_(dst, src)
+        return None
+    stream.wait_stream(torch.cuda.current_stream(src[0].device))
+    with torch.cuda.stream(stream):
+        torch._foreach_copy_(dst, src, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return done
+
+
+class Averaging:
+    """Every averager of a run over this rank's share of the live parameters."""
+
+    def __init__(self, averagers: dict[str, Averager], share: Tensors, shares: Shares, host: bool):
+        """``share``: views of the live parameters (updated in place by the optimizer)."""
+        self.averagers, self.share, self.host = averagers, share, host
+        self._job: Future | None = None
+        self._copied: torch.cuda.Event | None = None
+        if host and averagers:
+            on_gpu = share[0].device.type == "cuda"
+            self.staging = shares.split(shares.alloc(share[0].device, pin=on_gpu))
+            self._stream = torch.cuda.Stream(share[0].device) if on_gpu else None
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewa-averaging")
+
+    def update(self, step: int) -> None:
+        """Fold the weights after ``step`` into every averager acting at ``step``."""
+        acting = [a for a in self.averagers.values() if a.acts(step)]
+        if not acting:
+            return
+        if not self.host:
+            for a in acting:
+                a.update(self.share, step)
+            return
+        self.wait()  # the staging buffer is free once the previous job is done
+        self._copied = copy_share(self.staging, self.share, self._stream)
+        self._job = self._pool.submit(self._host_update, acting, step, self._copied)
+
+    def _host_update(self, acting: list[Averager], step: int, copied: torch.cuda.Event | None) -> None:
+        if copied is not None:
+            copied.synchronize()
+        for a in acting:
+            a.update(self.staging, step)
+
+    def before_params_change(self) -> None:
+        """Make the GPU wait for the copy of the share before the optimizer writes it."""
+        if self._copied is not None:
+            torch.cuda.current_stream().wait_event(self._copied)
+            self._copied = None
+
+    def wait(self) -> None:
+        """Until the background updates are done (re-raising their error, if any)."""
+        if self._job is not None:
+            job, self._job = self._job, None
+            job.result()
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` once the background updates in flight are done (at once on the device)."""
+        if self.host and self.averagers:
+            return self._pool.submit(fn)
+        done: Future = Future()
+        done.set_result(fn())
+        return done
+
+    def averaged(self, name: str, step: int) -> torch.Tensor | None:
+        self.wait()
+        return self.averagers[name].averaged(step)
+
+    def close(self) -> None:
+        self.wait()
+        if self.host and self.averagers:
+            self._pool.shutdown()

@@ -2,7 +2,9 @@
 for every weights format the project meets.
 
 Formats read (never by unpickling arbitrary objects):
-- this project's snapshots: ``.safetensors`` with parameter names of ``model.GPT``;
+- this project's snapshots: ``.safetensors`` with parameter names of ``model.GPT``, or, from
+  a run of several processes, a ``step_XXXXXXXX/`` directory of ``shard-RRRRR-of-WWWWW.safetensors``
+  files, one per rank, each holding that rank's flat pieces of the parameters;
 - nanoGPT / Sophia ``ckpt*.pt`` dicts (weights under ``"model"``, ``_orig_mod.`` and
   ``module.`` prefixes), read with ``torch.load(weights_only=True)``;
 - Hugging Face model directories (``model.safetensors``, sharded or not, or
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
@@ -26,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SNAPSHOT_RE = re.compile(r"(\d+)")
+SHARD_RE = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors")
 # Conv1D weights in Hugging Face GPT-2 are stored transposed relative to nn.Linear.
 HF_GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -153,7 +157,9 @@ class Weights:
         self._index: dict[str, tuple[Callable[[str], torch.Tensor], str, bool, tuple[int, ...]]] = {}
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such checkpoint file or directory")
-        if self.path.is_dir():
+        if self.path.is_dir() and sharded_snapshot_files(self.path):
+            self._open_sharded_snapshot()
+        elif self.path.is_dir():
             self._open_hf_dir()
         elif self.path.suffix == ".safetensors":
             self._add_safetensors(self.path, rename=lambda k: (strip_wrapper_prefixes(k), False))
@@ -215,6 +221,34 @@ class Weights:
             if not is_attention_mask(key):
                 name, transpose = rename(key)
                 self._index[name] = (lambda _k, t=tensor: t, key, transpose, tuple(tensor.shape))
+
+    def _open_sharded_snapshot(self) -> None:
+        """A snapshot written by several ranks: each shard file holds, per parameter, the
+        rank's contiguous piece of its flattened elements (metadata ``pieces``: name ->
+        [offset, shape]). ``get`` assembles the whole tensor from the pieces."""
+        pieces: dict[str, list[tuple[Callable[[str], torch.Tensor], int]]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in sharded_snapshot_files(self.path, complete=True):
+            self._add_safetensors(file, rename=lambda k: (k, False))
+            meta = dict(self._safetensors_metadata)
+            for name, (offset, shape) in json.loads(meta.pop("pieces")).items():
+                pieces.setdefault(name, []).append((self._index.pop(name)[0], offset))
+                shapes[name] = tuple(shape)
+            self.metadata = meta
+
+        def assemble(name: str) -> torch.Tensor:
+            parts = [(offset, read(name)) for read, offset in pieces[name]]
+            out = torch.empty(math.prod(shapes[name]), dtype=parts[0][1].dtype)
+            filled = 0
+            for offset, part in parts:
+                out[offset : offset + part.numel()] = part
+                filled += part.numel()
+            if filled != out.numel():
+                raise CheckpointError(f"{self.path}: the shards hold {filled} of {out.numel()} elements of {name}")
+            return out.view(shapes[name])
+
+        for name in pieces:
+            self._index[name] = (assemble, name, False, shapes[name])
 
     def _open_hf_dir(self) -> None:
         config_file = self.path / "config.json"
@@ -315,8 +349,8 @@ def list_checkpoints(folder: str | os.PathLike) -> dict[int, Path]:
         raise CheckpointError(f"{folder}: not a directory of checkpoints")
     found: dict[int, Path] = {}
     for entry in sorted(folder.iterdir()):
-        usable = (entry.is_dir() and (entry / "config.json").exists()) or entry.suffix in (
-            ".safetensors", ".pt", ".bin", ".ckpt"
+        usable = (entry.is_dir() and is_checkpoint_dir(entry)) or (
+            entry.is_file() and entry.suffix in (".safetensors", ".pt", ".bin", ".ckpt")
         )
         step = step_of(entry)
         if entry.name.startswith(".") or not usable or step is None:
@@ -327,19 +361,59 @@ def list_checkpoints(folder: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def is_checkpoint_dir(folder: Path) -> bool:
+    """A Hugging Face directory, a complete resume checkpoint (``torch.distributed.checkpoint``
+    writes ``.metadata`` last), or a sharded snapshot with every shard written."""
+    return (folder / "config.json").exists() or (folder / ".metadata").exists() or bool(
+        sharded_snapshot_files(folder, complete=True, strict=False)
+    )
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def sharded_snapshot_files(folder: Path, complete: bool = False, strict: bool = True) -> list[Path]:
+    """The shard files of a sharded snapshot directory ([] if it is none). With ``complete``,
+    a directory missing a shard raises (``strict``) or gives []."""
+    found = {}
+    for f in folder.iterdir():
+        m = SHARD_RE.fullmatch(f.name)
+        if m:
+            found[int(m[1])] = (int(m[2]), f)
+    if not complete or not found:
+        return [f for _, f in sorted(found.values())]
+    world = next(iter(found.values()))[0]
+    missing = sorted(set(range(world)) - found.keys())
+    if missing or any(w != world for w, _ in found.values()):
+        if not strict:
+            return []
+        raise CheckpointError(
+            f"{folder}: incomplete sharded snapshot (missing {[shard_name(r, world) for r in missing[:3]]}); "
+            "its writing was interrupted: use another step"
+        )
+    return [found[r][1] for r in range(world)]
+
+
+def save_snapshot_shard(
+    folder: str | os.PathLike,
+    rank: int,
+    world: int,
+    pieces: list[tuple[str, int, torch.Size, torch.Tensor]],
+    metadata: dict[str, str],
+) -> int:
+    """Atomically write one rank's pieces of a sharded snapshot: (parameter name, offset in
+    its flattened elements, its shape, the flat fp32 piece) each. Returns the bytes written."""
+    path = Path(folder) / shard_name(rank, world)
+    tensors = {name: t.detach().to("cpu", torch.float32).reshape(-1) for name, _, _, t in pieces}
+    where = {name: [offset, list(shape)] for name, offset, shape, _ in pieces}
+    meta = metadata | {"pieces": json.dumps(where)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path.stat().st_size
+
+
 def save_snapshot(path: str | os.PathLike, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
     """Atomically write fp32 weights as safetensors; returns the file size in bytes."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return Path(path).stat().st_size
-
-
-def save_resume(path: str | os.PathLike, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_resume(path: str | os.PathLike) -> dict:
-    state = _load_pickle_safely(Path(path))
-    if not isinstance(state, dict) or "step" not in state or "model" not in state:
-        raise CheckpointError(f"{path}: not a resume checkpoint of this project")
-    return state

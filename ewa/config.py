@@ -85,6 +85,8 @@ class TrainConfig:
     resume_interval: int = 1000  # full resume checkpoints ...
     keep_resume: int = 2  # ... keeping the latest few (0: all)
     # -- system ---------------------------------------------------------------------------------
+    parallel: str = "ddp"  # ddp (weights and optimizer replicated) | fsdp (FSDP2: sharded across ranks)
+    averaging_device: str = "gpu"  # gpu: averages on the training device | cpu: pinned host memory, updated in the background
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32) | bfloat16 | float32
     compile: bool = False
@@ -127,6 +129,8 @@ class TrainConfig:
             f"device={self.device!r}: use auto, cpu, cuda or cuda:N",
         )
         self._check(self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode: offline, online or disabled")
+        self._check(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")
+        self._check(self.averaging_device in ("gpu", "cpu"), f"averaging_device={self.averaging_device!r}: use gpu or cpu")
         self._check(
             not self.lawa_online or self.eval_interval % self.lawa_nu == 0,
             f"lawa_online needs eval_interval ({self.eval_interval}) to be a multiple of lawa_nu ({self.lawa_nu}): "
@@ -143,14 +147,21 @@ class TrainConfig:
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-steps per optimizer step so that each step sees tokens_per_step tokens."""
         per_micro = self.micro_batch_size * self.block_size * world_size
-        if self.tokens_per_step % per_micro:
-            raise ConfigError(
-                f"tokens_per_step={self.tokens_per_step} cannot be split over {world_size} processes of "
-                f"micro_batch_size={self.micro_batch_size} x block_size={self.block_size}: "
-                f"choose micro_batch_size so that {self.tokens_per_step} is a multiple of "
-                f"micro_batch_size*{self.block_size}*{world_size}"
-            )
-        return self.tokens_per_step // per_micro
+        if self.tokens_per_step % per_micro == 0:
+            return self.tokens_per_step // per_micro
+        lower = self.tokens_per_step // per_micro * per_micro
+        steps = " or ".join(f"--tokens_per_step={t}" for t in (lower, lower + per_micro) if t > 0)
+        worlds = [w for w in range(1, 65) if self.tokens_per_step % (self.micro_batch_size * self.block_size * w) == 0]
+        micro = [m for m in range(self.micro_batch_size, 0, -1) if self.tokens_per_step % (m * self.block_size * world_size) == 0]
+        options = [f"{steps} (multiples of micro_batch_size*block_size*processes = {per_micro})"]
+        if micro:
+            options.append(f"--micro_batch_size={micro[0]}")
+        options.append(f"a process count of {'/'.join(map(str, worlds))}" if worlds else "fewer processes")
+        raise ConfigError(
+            f"tokens_per_step={self.tokens_per_step} cannot be split over {world_size} processes of "
+            f"micro_batch_size={self.micro_batch_size} x block_size={self.block_size}: use "
+            + ", or ".join(options)
+        )
 
     def sequences_per_step(self) -> int:
         return self.tokens_per_step // self.block_size

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn as nn
 
@@ -36,17 +33,3 @@ class Evaluator:
             total += loss.double() * len(batch)
         model.train(was_training)
         return self.runtime.all_reduce_sum(total).item() / self.total
-
-
-@contextlib.contextmanager
-def swapped_weights(params: list[torch.Tensor], weights: list[torch.Tensor]) -> Iterator[None]:
-    """Temporarily load ``weights`` into ``params`` (e.g. an average into the live model, so
-    the compiled graph is reused for its evaluation), restoring the originals afterwards."""
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        torch._foreach_copy_(params, [w.to(p.device, p.dtype) for w, p in zip(weights, params, strict=True)])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(params, backup)

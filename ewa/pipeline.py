@@ -92,8 +92,8 @@ def train_stage(stages: Stages, name: str, cfg: TrainConfig, source: dict | None
     """Train ``cfg`` unless the same stage already finished; continue an interrupted one."""
     run_dir = Path(cfg.out_dir)
     settings = {"config": cfg.to_dict(), "source": source}
-    final = run_dir / "resume" / f"step_{cfg.max_steps:08d}.pt"
-    if stages.done(name, settings) and final.exists():
+    finished = (run_dir / "resume").is_dir() and cfg.max_steps in list_checkpoints(run_dir / "resume")
+    if stages.done(name, settings) and finished:
         print(f"reusing {run_dir} (finished)")
         return run_dir
     saved = run_dir / "config.json"

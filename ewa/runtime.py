@@ -27,6 +27,11 @@ class Runtime:
         return self.world_size > 1
 
     @property
+    def grouped(self) -> bool:
+        """Whether a process group is up (always under torchrun, and for FSDP)."""
+        return dist.is_initialized()
+
+    @property
     def master(self) -> bool:
         return self.rank == 0
 
@@ -40,11 +45,11 @@ class Runtime:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
     def barrier(self) -> None:
-        if self.distributed:
+        if self.grouped and self.distributed:
             dist.barrier()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
+        if self.grouped and self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
@@ -75,8 +80,9 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 
 
-def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
-    """Read torchrun's environment (if any), pick the device, start the process group."""
+def init_runtime(device: str = "auto", dtype: str = "auto", group: bool = False) -> Runtime:
+    """Read torchrun's environment (if any), pick the device, and start the process group:
+    under torchrun (any number of processes), or with ``group`` (FSDP) in a lone process."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -85,19 +91,44 @@ def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ or world_size > 1
+    if (torchrun or group) and not dist.is_initialized():
+        # collectives of CPU tensors (background checkpoint writes) go through gloo
+        backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
+        lone = {} if torchrun else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(minutes=int(os.environ.get("EWA_DIST_TIMEOUT_MIN", 30))),
             device_id=dev if dev.type == "cuda" else None,
+            **lone,
         )
     return Runtime(rank, local_rank, world_size, dev, _resolve_dtype(dtype, dev))
 
 
 def shutdown(runtime: Runtime) -> None:
-    if runtime.world_size > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# bf16 dense peak FLOP/s of the GPUs MFU knows, by the exact model (torch.cuda.get_device_name)
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("H200", 989e12),
+    ("A100", 312e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's bf16 dense peak, or None for a CPU or an unknown GPU (no MFU then)."""
+    if device.type != "cuda":
+        return None
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
+    return next((flops for model, flops in PEAK_FLOPS if model in name), None)
 
 
 def seed_everything(seed: int, *offsets: int) -> None:

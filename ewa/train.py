@@ -1,53 +1,47 @@
 """The training engine behind train_small.py, train_medium.py, train_large.py and train_swa.py.
 
-One ``Trainer`` runs the loop (batch -> forward/backward -> optimizer step), updates the
-averagers (EMA, SWA, online LAWA) after every step, evaluates the raw model and every
-average on the same fixed held-out tokens, writes weights-only snapshots for offline
-averaging and resume checkpoints, and logs to stdout, metrics.jsonl and wandb.
+One ``Trainer`` runs the loop (batch -> forward/backward -> optimizer step) under DDP or FSDP2
+(``parallel``), updates the averagers (EMA, SWA, online LAWA: each rank holds its share of
+them, see ``ewa.parallel``) after every step, evaluates the raw model and every average on
+the same fixed held-out tokens, writes weights-only snapshots for offline averaging and
+resume checkpoints in the background (``ewa.checkpointing``), and logs to stdout,
+metrics.jsonl and wandb.
 
 Run directory:
     config.json                     the resolved config
     metrics.jsonl                   one JSON record per log / eval
     snapshots/{raw,ema,swa}/step_XXXXXXXX.safetensors   fp32 weights every ckpt_interval
-    resume/step_XXXXXXXX.pt         full trainer state (latest keep_resume, plus the SWA start)
+                                    (a step_XXXXXXXX/ directory of shards from several processes)
+    resume/step_XXXXXXXX/           full trainer state (latest keep_resume, plus the SWA start)
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from ewa.averaging import EMA, SWA, Averager, OnlineLAWA
-from ewa.checkpoint import (
-    CheckpointError,
-    list_checkpoints,
-    load_resume,
-    load_weights,
-    save_resume,
-    save_snapshot,
-    snapshot_name,
-)
+from ewa.averaging import EMA, SWA, Averager, Averaging, OnlineLAWA
+from ewa.checkpoint import CheckpointError, list_checkpoints, load_weights
+from ewa.checkpointing import ResumeCheckpointer, SafeReader, SnapshotWriter, load_into, read_meta
 from ewa.config import ConfigError, TrainConfig, load_config, save_config
-from ewa.data import BatchSampler, DataError, eval_windows, fingerprint, open_tokens, read_meta
-from ewa.evaluate import Evaluator, swapped_weights
+from ewa.data import BatchSampler, DataError, eval_windows, fingerprint, open_tokens
+from ewa.data import read_meta as read_data_meta
+from ewa.evaluate import Evaluator
 from ewa.logger import MetricsLogger, NullRun, open_wandb
-from ewa.runtime import Runtime, init_runtime, seed_everything, shutdown
+from ewa.parallel import accumulating, layout_of, wrap
+from ewa.runtime import Runtime, init_runtime, peak_flops, seed_everything, shutdown
 from ewa.schedule import lr_at
 from model import GPT, GPT2_SIZES
-
-# bf16 dense peak of known GPUs, for MFU
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -56,13 +50,6 @@ class NonFiniteLoss(RuntimeError):
 
 class Preempted(Exception):
     pass
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def is_run_dir(path: str) -> bool:
@@ -77,21 +64,37 @@ def snapshot_dir(run_dir: str | Path, kind: str = "raw") -> Path:
     return Path(run_dir) / "snapshots" / kind
 
 
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, runtime: Runtime):
         self.cfg, self.rt = cfg, runtime
         self.run_dir = Path(cfg.out_dir)
-        self.meta = read_meta(cfg.data_dir)
+        self.meta = read_data_meta(cfg.data_dir)
         if cfg.vocab_size and cfg.vocab_size < self.meta["vocab_size"]:
             raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {self.meta['vocab_size']}")
         self.accum = cfg.grad_accum_steps(runtime.world_size)
-        seed_everything(cfg.seed)  # the same initial weights on every rank
-        self.model = GPT(cfg.model_config(self.meta["vocab_size"])).to(runtime.device)
+        seed_everything(cfg.seed)  # the same initial weights on every rank, whatever `parallel`
+        self.model = GPT(cfg.model_config(self.meta["vocab_size"]))  # the raw handle, for saving and evaluation
         self.names = [n for n, _ in self.model.named_parameters()]
+        checkpoints = self.load_initial()
+        self.train_module, self.eval_module = wrap(self.model, cfg.parallel, cfg.compile, runtime)
         self.params = [p for _, p in self.model.named_parameters()]
         self.optimizer = self.model.configure_optimizers(
             cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), runtime.device_type
         )
+        self.layout = layout_of(self.names, self.params, self.model, runtime)
+        self.share = self.layout.pieces(self.params)
+        host = cfg.averaging_device == "cpu"
+        self.averaging = Averaging(self.build_averagers(host), self.share, self.layout.shares, host)
+        self.snapshots = SnapshotWriter(self.layout, runtime.device, runtime.rank, self.after_snapshot)
+        self.resumes = ResumeCheckpointer(resume_dir(self.run_dir), runtime.device, runtime.rank, runtime.world_size, self.after_resume)
+        self.step = 0
+        self.fresh = True  # False once state is loaded from a resume checkpoint
+        if checkpoints:
+            self.load_state(checkpoints)
         self.sampler = BatchSampler(
             open_tokens(cfg.data_dir, "train", cfg.block_size + 1),
             cfg.block_size,
@@ -103,38 +106,31 @@ class Trainer:
         windows = eval_windows(open_tokens(cfg.data_dir, "val", cfg.block_size + 1), cfg.block_size, cfg.eval_windows())
         self.eval_fingerprint = fingerprint(windows)
         self.evaluator = Evaluator(windows, cfg.eval_batch_size, runtime)
-        self.step = 0
-        self.fresh = True  # False once state is loaded from a resume checkpoint
-        state = self.load_initial()
-        self.averagers = self.build_averagers()  # from the initial weights
-        if state is not None:
-            self.load_state_dict(state)
         self.peak_flops = peak_flops(runtime.device)
-        self.compiled = torch.compile(self.model) if cfg.compile else self.model  # raw handle kept
-        self.ddp = (
-            DDP(self.compiled, device_ids=[runtime.device.index] if runtime.device_type == "cuda" else None)
-            if runtime.distributed
-            else self.compiled
-        )
         self.pending_losses: list[tuple[int, torch.Tensor]] = []
         self.stop_signal: int | None = None
         self.logger = MetricsLogger(None, echo=False)
+        self.window = {"start": 0.0, "step": 0, "eval_s": 0.0, "ckpt_s": 0.0}  # the current log window
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def build_averagers(self) -> dict[str, Averager]:
-        cfg, averagers = self.cfg, {}
+    def build_averagers(self, host: bool) -> dict[str, Averager]:
+        """The averagers of the config over this rank's share, from the current weights."""
+        cfg, shares, device, averagers = self.cfg, self.layout.shares, self.rt.device, {}
+        pin = host and device.type == "cuda"
+        where = torch.device("cpu") if host else device
         if cfg.ema:
-            averagers["ema"] = EMA(self.names, self.params, cfg.ema_decay)
+            averagers["ema"] = EMA(shares, self.share, cfg.ema_decay, where, pin)
         if cfg.swa:
-            averagers["swa"] = SWA(self.names, cfg.swa_start_step(), cfg.swa_every)
+            averagers["swa"] = SWA(shares, cfg.swa_start_step(), cfg.swa_every, where, pin)
         if cfg.lawa_online:
-            averagers["lawa"] = OnlineLAWA(self.names, cfg.lawa_k, cfg.lawa_nu)
+            averagers["lawa"] = OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, where, pin)
         return averagers
 
-    def load_initial(self) -> dict[str, Any] | None:
-        """Load the initial weights named by cfg.init_from; for resume and branch, also
-        return the whole trainer state to restore once the averagers exist."""
+    def load_initial(self) -> list[Path]:
+        """Load the initial weights named by cfg.init_from into the unwrapped model; for
+        resume and branch, return the checkpoints to restore the whole state from, in the
+        order to try them."""
         source = self.cfg.init_from
         existing = self.resume_checkpoints()
         if source != "resume" and existing:
@@ -142,20 +138,17 @@ class Trainer:
                 f"{self.run_dir} already holds a run (resume checkpoints up to step {max(existing)}): "
                 "continue it with --init_from=resume, or choose another --out_dir"
             )
-        state = None
         if source == "resume":
             if not existing:
                 raise ConfigError(f"init_from=resume: no resume checkpoint in {resume_dir(self.run_dir)}; use init_from=scratch")
-            state = self.read_latest_resume(existing)
-        elif is_run_dir(source):
-            state = load_resume(self.branch_checkpoint(source))
-        elif source in GPT2_SIZES:
+            return [existing[s] for s in sorted(existing, reverse=True)]
+        if is_run_dir(source):
+            return [self.branch_checkpoint(source)]
+        if source in GPT2_SIZES:
             self.model.load_weights(dict(GPT.from_pretrained(source).named_parameters()))
         elif source != "scratch":
             self.model.load_weights(load_weights(source))
-        if state is not None:
-            self.load_model(state)
-        return state
+        return []
 
     def branch_checkpoint(self, run: str) -> Path:
         available = list_checkpoints(resume_dir(run))
@@ -169,47 +162,77 @@ class Trainer:
             )
         return available[step]
 
-    def read_latest_resume(self, available: dict[int, Path]) -> dict:
-        """The newest resume checkpoint that loads; a damaged newer one is reported and skipped."""
-        for step in sorted(available, reverse=True):
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_tensors(self, optimizer_state: dict) -> dict[str, torch.Tensor]:
+        """Every tensor of the trainer's state, flat, under the names resume checkpoints use:
+        DTensors where sharded, so a checkpoint loads into any number of processes."""
+        tensors = {f"model.{n}": p for n, p in zip(self.names, self.params, strict=True)}
+        for fqn, values in optimizer_state.items():
+            tensors |= {f"optimizer.{fqn}.{k}": v for k, v in values.items()}
+        for name, averager in self.averaging.averagers.items():
+            for buffer, flat in averager.tensors().items():
+                tensors |= self.layout.global_tensors(f"averagers.{name}.{buffer}", flat)
+        return tensors
+
+    def state_meta(self, param_groups: list) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "world_size": self.rt.world_size,
+            "names": self.names,
+            "param_groups": param_groups,
+            "averagers": {name: a.counters() for name, a in self.averaging.averagers.items()},
+        }
+
+    def load_state(self, candidates: list[Path]) -> None:
+        """Restore the whole trainer state from the first of ``candidates`` that loads; a
+        damaged one is reported and skipped (every rank sees the same failure)."""
+        for path in candidates:
             try:
-                return load_resume(available[step])
+                return self._load_state(path)
             except CheckpointError as e:
+                if len(candidates) == 1:
+                    raise
                 if self.rt.master:
                     print(f"warning: skipping {e}", file=sys.stderr)
         raise CheckpointError(f"{resume_dir(self.run_dir)}: no resume checkpoint could be read")
 
-    # -- state ----------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "model": dict(zip(self.names, (p.detach() for p in self.params), strict=True)),
-            "optimizer": self.optimizer.state_dict(),
-            "averagers": {name: a.state_dict() for name, a in self.averagers.items()},
-            "config": self.cfg.to_dict(),
-        }
-
-    def load_model(self, state: dict[str, Any]) -> None:
-        try:
-            self.model.load_weights(state["model"])
-        except ValueError as e:
-            raise CheckpointError(
-                f"the checkpoint's model does not match this config ({e}); "
-                "use the model settings of the run it came from"
-            ) from None
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.load_model(state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        self.fresh = False
-        saved = state.get("averagers", {})
-        for name, averager in self.averagers.items():
-            if name in saved:
-                averager.load_state_dict(saved[name])
+    def _load_state(self, path: Path) -> None:
+        meta, saved = read_meta(path), set(SafeReader(path).read_metadata().state_dict_metadata)
+        self.check_model_shapes(path)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer)  # (creates a fresh optimizer's state)
+        tensors = self.state_tensors(optimizer["state"])
+        lacking = sorted(k for k in tensors.keys() - saved if not k.startswith("averagers."))
+        if lacking:
+            raise CheckpointError(f"{path}: lacks {lacking[:3]}; not a checkpoint of this model and optimizer")
+        restored = set()
+        for name, averager in self.averaging.averagers.items():
+            if name in meta["averagers"] and any(k.startswith(f"averagers.{name}.") for k in saved):
+                try:
+                    averager.load_counters(meta["averagers"][name])
+                except ValueError as e:
+                    raise ConfigError(f"{path}: {e}") from None
+                restored.add(name)
             elif self.rt.master:
-                print(f"note: the checkpoint has no {name} state; {name} starts at step {self.step}")
+                print(f"note: the checkpoint has no {name} state; {name} starts at step {meta['step']}")
+        load_into(path, {k: t for k, t in tensors.items() if not k.startswith("averagers.") or k.split(".")[1] in restored})
+        set_optimizer_state_dict(self.model, self.optimizer, {"state": optimizer["state"], "param_groups": meta["param_groups"]})
+        self.step, self.fresh = meta["step"], False
+
+    def check_model_shapes(self, path: Path) -> None:
+        stored = SafeReader(path).read_metadata().state_dict_metadata
+        own = dict(zip(self.names, self.params, strict=True))
+        shapes = [
+            f"{n}: {tuple(stored[f'model.{n}'].size)} vs model {tuple(own[n].shape)}"
+            for n in sorted(own)
+            if f"model.{n}" in stored and tuple(stored[f"model.{n}"].size) != tuple(own[n].shape)
+        ]
+        if shapes:
+            raise ConfigError(
+                f"{path}: the checkpoint's model does not match this config (shapes {shapes[:5]}); "
+                "use the model settings of the run it came from"
+            )
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -227,10 +250,8 @@ class Trainer:
             if rt.device_type == "cuda":
                 rows = rows.pin_memory().to(rt.device, non_blocking=True)
             x, y = rows[:, :-1], rows[:, 1:]
-            last = micro == self.accum - 1
-            grad_sync = contextlib.nullcontext() if last or not rt.distributed else self.ddp.no_sync()
-            with grad_sync, rt.autocast():
-                _, loss = self.ddp(x, y)
+            with accumulating(self.train_module, micro < self.accum - 1), rt.autocast():
+                _, loss = self.train_module(x, y)
             (loss / self.accum).backward()
             total += loss.detach()
         total /= self.accum
@@ -241,30 +262,35 @@ class Trainer:
         else:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            self.before_params_change()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total
 
+    def before_params_change(self) -> None:
+        """The GPU waits for the background copies of the weights (and averages) to finish."""
+        self.averaging.before_params_change()
+        self.snapshots.before_params_change()
+        self.resumes.before_params_change()
+
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
         self.start_run()
         if self.fresh:
-            for averager in self.averagers.values():
-                averager.update(self.params, self.step)
+            self.averaging.update(self.step)  # the initial weights
             self.checkpoint(force=True)
         last = self.evaluate() if self.fresh else {}
-        t0, step0 = time.perf_counter(), self.step
+        self.new_window()
         while self.step < cfg.max_steps:
+            self.check_background()
             self.pending_losses.append((self.step + 1, self.train_step()))
-            for averager in self.averagers.values():
-                averager.update(self.params, self.step)
+            self.averaging.update(self.step)
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                self.log_train(time.perf_counter() - t0, self.step - step0)
-                t0, step0 = time.perf_counter(), self.step
+                self.log_train()
                 if self.rt.any(self.stop_signal is not None):
-                    if self.rt.master:
-                        self.save_resume_checkpoint()
+                    self.save_resume_checkpoint()
+                    self.wait_for_writes()
                     raise Preempted(f"stopped by a signal at step {self.step}; continue with --init_from=resume")
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 last = self.evaluate()
@@ -273,29 +299,44 @@ class Trainer:
         return last
 
     def flush_losses(self) -> list[tuple[int, float]]:
-        """Move the losses since the last flush to the host (one sync) and stop the run if
-        any is NaN/inf, naming the first such step; nothing is saved after it."""
+        """Move the losses since the last flush to the host (one sync), as the mean over the
+        ranks, i.e. over the global batch; stop the run if any is NaN/inf, naming the first
+        such step; nothing is saved after it."""
         if not self.pending_losses:
             return []
-        values = torch.stack([v for _, v in self.pending_losses]).tolist()
-        losses = [(s, v) for (s, _), v in zip(self.pending_losses, values)]
+        values = self.rt.all_reduce_sum(torch.stack([v for _, v in self.pending_losses])) / self.rt.world_size
+        losses = [(s, v) for (s, _), v in zip(self.pending_losses, values.tolist(), strict=True)]
         self.pending_losses.clear()
         bad = [s for s, v in losses if not math.isfinite(v)]
-        if not self.cfg.skip_nonfinite and self.rt.any(bool(bad)):  # all ranks stop at the same step
+        if bad and not self.cfg.skip_nonfinite:  # the same on every rank: the mean is NaN everywhere
             saved = self.resume_checkpoints()
             last = f"the last resume checkpoint is step {max(saved)}" if saved else "no resume checkpoint was written"
-            where = f"at step {bad[0]}" if bad else "on another rank"
             raise NonFiniteLoss(
-                f"non-finite training loss {where}; stopped without saving ({last}). "
+                f"non-finite training loss at step {bad[0]}; stopped without saving ({last}). "
                 "Lower learning_rate, or set skip_nonfinite=True to skip such batches"
             )
         return losses
 
-    def log_train(self, elapsed: float, steps: int) -> None:
+    def sync(self) -> float:
+        """Wait for the GPU's queued work, then read the clock."""
+        if self.rt.device_type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+        return time.perf_counter()
+
+    def new_window(self) -> None:
+        self.window = {"start": self.sync(), "step": self.step, "eval_s": 0.0, "ckpt_s": 0.0}
+
+    def log_train(self) -> None:
+        """A train record: throughput over training time only (the window's wall time less
+        its eval and checkpoint seconds, which are logged apart)."""
         losses = self.flush_losses()
+        w = self.window
+        steps = self.step - w["step"]
+        wall = self.sync() - w["start"]
+        train_s = max(wall - w["eval_s"] - w["ckpt_s"], 1e-9)
         finite = [v for _, v in losses if math.isfinite(v)]
         loss = sum(finite) / max(1, len(finite))
-        tok_s = self.cfg.tokens_per_step * steps / max(elapsed, 1e-9)
+        tok_s = self.cfg.tokens_per_step * steps / train_s
         record = {
             "kind": "train",
             "step": self.step,
@@ -303,30 +344,41 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],  # what the last step used
             "tokens": self.step * self.cfg.tokens_per_step,
             "tok_per_s": tok_s,
-            "ms_per_step": 1000 * elapsed / max(steps, 1),
+            "ms_per_step": 1000 * train_s / max(steps, 1),
+            "eval_s": w["eval_s"],
+            "ckpt_s": w["ckpt_s"],
         }
-        peak = self.peak_flops
-        if peak:
-            record["mfu"] = self.model.estimate_mfu(tok_s / self.rt.world_size, peak)
+        if self.peak_flops:
+            record["mfu"] = self.model.estimate_mfu(tok_s / self.rt.world_size, self.peak_flops)
+        if self.rt.device_type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
         line = (
             f"step {self.step:>6}/{self.cfg.max_steps} | loss {loss:.4f} | lr {record['lr']:.2e} | "
             f"{tok_s / 1e3:,.1f}k tok/s | {record['ms_per_step']:.0f} ms/step"
-            + (f" | mfu {100 * record['mfu']:.1f}%" if peak else "")
+            + (f" | mfu {100 * record['mfu']:.1f}%" if self.peak_flops else "")
+            + (f" | {record['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in record else "")
         )
         self.logger.log(record, line)
+        self.new_window()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Val loss of the raw model and of every average that exists at this step."""
-        results = {"raw": self.evaluator.loss(self.compiled)}
-        for name, averager in self.averagers.items():
-            weights = averager.averaged(self.step)
-            if weights is not None:
-                with swapped_weights(self.params, weights):
-                    results[name] = self.evaluator.loss(self.compiled)
+        """Val loss of the raw model and of every average that exists at this step. Each
+        average is loaded into the live model (this rank's share of it, gathered under DDP)
+        and the raw weights restored after, so no second full copy is held."""
+        start = self.sync()
+        results = {"raw": self.evaluator.loss(self.eval_module)}
+        averages = {n: self.averaging.averaged(n, self.step) for n in self.averaging.averagers}
+        averages = {n: flat for n, flat in averages.items() if flat is not None}
+        if averages:
+            with self.layout.swapping(self.params) as load:
+                for name, flat in averages.items():
+                    load(flat)
+                    results[name] = self.evaluator.loss(self.eval_module)
         record = {"kind": "eval", "step": self.step, "tokens": self.step * self.cfg.tokens_per_step, **results}
         line = f"eval step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in results.items())
         self.logger.log(record, line)
+        self.window["eval_s"] += self.sync() - start
         return results
 
     # -- files ----------------------------------------------------------------------------------
@@ -336,7 +388,7 @@ class Trainer:
         if rt.master:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.run_dir.glob("*/**/.*.tmp*"):  # left by a write that was killed
-                stale.unlink()
+                remove(stale)
             save_config(cfg, self.run_dir / "config.json")
             run = (
                 open_wandb(cfg.wandb_project, cfg.wandb_run_name, cfg.wandb_mode, cfg.to_dict(), self.run_dir)
@@ -351,15 +403,17 @@ class Trainer:
                     "step": self.step,
                     "params": self.model.get_num_params(),
                     "world_size": rt.world_size,
+                    "parallel": cfg.parallel,
                     "grad_accum_steps": self.accum,
                     "eval_fingerprint": self.eval_fingerprint,
                     "init_from": cfg.init_from,
                 },
                 f"{self.model.get_num_params() / 1e6:.2f}M parameters | {rt.world_size} process(es) on "
-                f"{rt.device_type} | {self.accum} micro-steps per step | {cfg.tokens_per_step:,} tokens per step | "
-                f"from step {self.step} | eval tokens {self.evaluator.total * cfg.block_size:,} "
-                f"(fingerprint {self.eval_fingerprint})",
+                f"{rt.device_type} ({cfg.parallel}) | {self.accum} micro-steps per step | "
+                f"{cfg.tokens_per_step:,} tokens per step | from step {self.step} | "
+                f"eval tokens {self.evaluator.total * cfg.block_size:,} (fingerprint {self.eval_fingerprint})",
             )
+        rt.barrier()  # stale temporaries are gone before any rank writes
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -368,30 +422,37 @@ class Trainer:
 
     def checkpoint(self, force: bool = False) -> None:
         """Snapshots every ckpt_interval, resume checkpoints every resume_interval, at the
-        SWA start (train_swa.py branches from it) and at the end."""
+        SWA start (train_swa.py branches from it) and at the end; the time the training
+        thread spends here is logged as ``ckpt_s``."""
         cfg, step = self.cfg, self.step
         snap = force or step % cfg.ckpt_interval == 0 or step == cfg.max_steps
-        resume = step % cfg.resume_interval == 0 or step == cfg.max_steps or step == cfg.swa_start_step()
+        resume = step > 0 and (step % cfg.resume_interval == 0 or step == cfg.max_steps or step == cfg.swa_start_step())
         if not (snap or resume):
             return
+        start = self.sync()
         self.flush_losses()  # never save weights that a NaN has touched
-        if self.rt.master:
-            if snap:
-                self.save_snapshots()
-            if resume and step > 0:
-                self.save_resume_checkpoint()
+        if snap:
+            self.save_snapshots()
+        if resume:
+            self.save_resume_checkpoint()
+        self.window["ckpt_s"] += time.perf_counter() - start
 
     def save_snapshots(self) -> None:
+        """The raw weights and every average but LAWA's (lawa.py makes those offline)."""
+        kinds = {"raw": self.share}
+        for name, averager in self.averaging.averagers.items():
+            flat = averager.averaged(self.step) if name != "lawa" else None
+            if flat is not None:
+                kinds[name] = self.layout.shares.split(flat)
+        lane = {k: v for k, v in kinds.items() if k != "raw" and self.averaging.host}
+        live = {k: v for k, v in kinds.items() if k not in lane}
         meta = {"step": str(self.step), "format": "ewa-snapshot-1", "model_config": json.dumps(self.model.config_dict())}
-        weights = {"raw": self.params} | {n: a.averaged(self.step) for n, a in self.averagers.items() if n != "lawa"}
-        for kind, tensors in weights.items():
-            if tensors is None:
-                continue
-            path = snapshot_dir(self.run_dir, kind) / snapshot_name(self.step)
-            self.guarded_write(save_snapshot, path, dict(zip(self.names, tensors, strict=True)), meta | {"kind": kind})
-            if self.step == 0 and kind == "raw":
-                print(f"snapshot size {path.stat().st_size / 2**20:.1f} MiB ({path.parent})")
-        if self.cfg.max_snapshots:
+        folders = {kind: snapshot_dir(self.run_dir, kind) for kind in kinds}
+        self.snapshots.save(folders, self.step, live, lane, self.averaging.submit, meta)
+
+    def after_snapshot(self, step: int) -> None:
+        """On the writer thread, once a snapshot is written: rank 0 prunes old ones."""
+        if self.rt.master and self.cfg.max_snapshots:
             self.prune_snapshots()
 
     def prune_snapshots(self) -> None:
@@ -406,55 +467,82 @@ class Trainer:
             snaps = list_checkpoints(folder)
             for step in sorted(snaps)[: -cfg.max_snapshots]:
                 if kind != "raw" or step < needed_from:
-                    snaps[step].unlink()
+                    remove(snaps[step])
 
     def save_resume_checkpoint(self) -> None:
-        path = resume_dir(self.run_dir) / f"step_{self.step:08d}.pt"
-        self.guarded_write(save_resume, path, self.state_dict())
-        if self.cfg.keep_resume:
-            keep = set(sorted(list_checkpoints(path.parent))[-self.cfg.keep_resume :]) | {self.cfg.swa_start_step()}
-            for step, old in list_checkpoints(path.parent).items():
-                if step not in keep:
-                    old.unlink()
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer)
+        tensors = self.state_tensors(optimizer["state"])
+        lane = {k for k in tensors if k.startswith("averagers.")} if self.averaging.host else set()
+        self.resumes.save(self.step, tensors, lane, self.averaging.submit, self.state_meta(optimizer["param_groups"]))
 
-    def guarded_write(self, write: Callable[..., Any], path: Path, *args: Any) -> None:
-        """``write(path, *args)``; a failure (disk full, read-only) stops the run naming the
-        file and the last good resume checkpoint."""
-        try:
-            write(path, *args)
-        except OSError as e:
-            saved = self.resume_checkpoints()
-            last = f"; the last good resume checkpoint is {saved[max(saved)]}" if saved else ""
-            raise CheckpointError(f"could not write {path}: {e.strerror or e}{last}") from None
+    def after_resume(self, step: int) -> None:
+        """On rank 0's writer thread, once a resume checkpoint is complete: keep the latest
+        keep_resume and the SWA start."""
+        if not self.cfg.keep_resume:
+            return
+        saved = self.resume_checkpoints()
+        keep = set(sorted(saved)[-self.cfg.keep_resume :]) | {self.cfg.swa_start_step()}
+        for old, path in saved.items():
+            if old not in keep:
+                remove(path)
 
     def resume_checkpoints(self) -> dict[int, Path]:
         folder = resume_dir(self.run_dir)
         return list_checkpoints(folder) if folder.is_dir() else {}
 
+    def check_background(self, wait: bool = False) -> None:
+        """Raise the failure of a background write (waiting for them all with ``wait``),
+        naming the file and the last good resume checkpoint."""
+        try:
+            for background in (self.snapshots.background, self.resumes.background):
+                background.wait() if wait else background.check()
+            if wait:
+                self.averaging.wait()
+        except CheckpointError as e:
+            saved = self.resume_checkpoints()
+            last = f"; the last good resume checkpoint is {saved[max(saved)]}" if saved else ""
+            raise CheckpointError(f"{e}{last}") from None
+
+    def wait_for_writes(self) -> None:
+        self.check_background(wait=True)
+
     def finish(self) -> None:
+        self.wait_for_writes()
         self.rt.barrier()
         self.logger.close()
+
+    def close(self) -> None:
+        """Stop the background threads (after their work)."""
+        for background in (self.snapshots.background, self.resumes.background):
+            background.close()
+        self.averaging.close()
 
 
 def run(cfg: TrainConfig) -> dict[str, float]:
     """Train ``cfg`` in this process (under torchrun: as one rank); returns the last eval."""
-    runtime = init_runtime(cfg.device, cfg.dtype)
+    runtime = init_runtime(cfg.device, cfg.dtype, group=cfg.parallel == "fsdp")
+    trainer = None
     try:
-        return Trainer(cfg, runtime).fit()
+        trainer = Trainer(cfg, runtime)
+        return trainer.fit()
     finally:
+        if trainer is not None:
+            trainer.close()
         shutdown(runtime)
 
 
 def main(default_config: str, argv: list[str] | None = None, swa: bool = False) -> None:
-    """Entry point of the train_*.py scripts: ``[config.py] [--key=value ...]``."""
+    """Entry point of the train_*.py scripts: ``[config.py] [--key=value ...]``. An error
+    is printed once, by rank 0; every rank exits with status 1."""
     argv = sys.argv[1:] if argv is None else argv
+    master = os.environ.get("RANK", "0") == "0"
     try:
         cfg = load_config(default_config, argv, **({"swa": True} if swa else {}))
         if swa and not any(a.startswith("--out_dir=") for a in argv):
             cfg = cfg.replace(out_dir=cfg.out_dir.rstrip("/") + "-swa")
         run(cfg)
     except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if master else 1)
     except Preempted as e:
-        if os.environ.get("RANK", "0") == "0":
+        if master:
             print(e)

@@ -15,6 +15,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from ewa.checkpoint import list_checkpoints  # noqa: E402
+from ewa.checkpointing import read_resume  # noqa: E402
 from ewa.config import TrainConfig  # noqa: E402
 from ewa.prepare import prepare_texts  # noqa: E402
 
@@ -76,3 +78,9 @@ def write_config_file(path: Path, cfg: TrainConfig) -> Path:
     """The config as a plain-Python config file, for the entry scripts."""
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.to_dict().items()))
     return path
+
+
+def resume_state(run_dir: Path, step: int | None = None) -> dict:
+    """A run's resume checkpoint at ``step`` (default: the newest), read whole (``read_resume``)."""
+    saved = list_checkpoints(Path(run_dir) / "resume")
+    return read_resume(saved[max(saved) if step is None else step])

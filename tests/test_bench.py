@@ -75,10 +75,10 @@ def test_averaging_overhead(tmp_path, data_dir):
         "--warmup=1",
     )
     rows = {r["averaging"]: r for r in result["results"]}
-    assert list(rows) == ["none", "ema", "lawa", "swa"]
-    assert [rows[n]["updates"] for n in ("ema", "lawa", "swa")] == [4, 2, 2]
+    assert list(rows) == ["none", "ema", "lawa", "swa", "all, background"]
+    assert [rows[n]["updates"] for n in ("ema", "lawa", "swa", "all, background")] == [4, 2, 2, 4]
     assert all(positive(r["ms_per_step"], r["overhead"]) for n, r in rows.items() if n != "none")
-    assert [t["name"] for t in result["targets"]] == ["ema overhead", "lawa overhead", "swa overhead"]
+    assert [t["name"] for t in result["targets"]] == [f"{n} overhead" for n in ("ema", "lawa", "swa", "all, background")]
 
 
 def test_offline_lawa(tmp_path):

@@ -16,7 +16,8 @@ def test_forward_shapes_and_initial_loss():
     model = GPT(small())
     idx, targets = torch.randint(0, 64, (2, 3, 16))
     logits, loss = model(idx, targets)
-    assert logits.shape == (3, 16, 64)
+    assert logits is None  # no logits are kept when the loss is asked for
+    assert model.logits(idx).shape == (3, 16, 64)
     assert abs(loss.item() - math.log(64)) < 0.1  # near-uniform predictions at init
     last, none = model(idx)
     assert last.shape == (3, 1, 64) and none is None
@@ -57,7 +58,7 @@ def test_attention_scale_by_inverse_layer_changes_deeper_layers_only():
     assert a.transformer.h[0].attn.scale == b.transformer.h[0].attn.scale
     assert b.transformer.h[1].attn.scale == pytest.approx(a.transformer.h[1].attn.scale / 2)
     idx = torch.randint(0, 64, (2, 16))
-    assert not torch.allclose(a(idx, idx)[0], b(idx, idx)[0])
+    assert not torch.allclose(a.logits(idx), b.logits(idx))
 
 
 @pytest.mark.parametrize("scale_by_layer", [False, True])
@@ -73,7 +74,7 @@ def test_from_pretrained_matches_transformers_gpt2(tmp_path, scale_by_layer):
     idx = torch.randint(0, 100, (2, 32))
     with torch.no_grad():
         expected = hf(idx).logits
-        got, _ = ours(idx, idx)
+        got = ours.logits(idx)
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 

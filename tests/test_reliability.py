@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import ewa.checkpoint
-from conftest import ROOT, tiny_config, write_config_file
-from ewa.checkpoint import CheckpointError, Weights, list_checkpoints, load_resume
+import ewa.checkpointing
+from conftest import ROOT, resume_state, tiny_config, write_config_file
+from ewa.checkpoint import CheckpointError, Weights, list_checkpoints
+from ewa.checkpointing import read_resume
 from ewa.logger import read_metrics
 from ewa.runtime import init_runtime
 from ewa.train import NonFiniteLoss, Trainer, run
@@ -44,8 +46,8 @@ runpy.run_path("train_small.py", run_name="__main__")
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = load_resume(list_checkpoints(run_dir / "resume")[max(list_checkpoints(run_dir / "resume"))])
-    return {**state["model"], **{f"ema.{k}": v for k, v in state["averagers"]["ema"]["tensors"].items()}}
+    state = resume_state(run_dir)
+    return {**state["model"], **{f"ema.{k}": v for k, v in state["averagers"]["ema"]["tensors"]["weights"].items()}}
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -62,7 +64,7 @@ def assert_every_file_loads(run_dir: Path) -> None:
             Weights(path).get("transformer.wte.weight")
     if (run_dir / "resume").is_dir():
         for path in list_checkpoints(run_dir / "resume").values():
-            load_resume(path)
+            read_resume(path)
 
 
 def start(config_file: Path, *args: str, script: str = "train_small.py") -> subprocess.Popen:
@@ -144,18 +146,34 @@ def test_a_failing_disk_stops_the_run_and_keeps_the_last_resume_checkpoint(tmp_p
 
     def failing(tensors, path, metadata=None):
         calls[0] += 1
-        if calls[0] > 12:  # snapshots 0..20 (two kinds) and the step-10/20 resume files succeed
+        if calls[0] > 12:  # the snapshots of steps 0..25 (two kinds) succeed
             raise OSError(code, os.strerror(code))
         return real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(ewa.checkpoint, "save_file", failing)
     cfg = tiny_config(tmp_path / "run", data_dir)
     with pytest.raises(CheckpointError, match=rf"could not write .*step_00000030.safetensors: {os.strerror(code)}; "
-                                              r"the last good resume checkpoint is .*step_00000020.pt"):
+                                              r"the last good resume checkpoint is .*step_000000[23]0$"):
         run(cfg)
-    assert list(list_checkpoints(tmp_path / "run" / "resume")) == [10, 20]
+    assert list(list_checkpoints(tmp_path / "run" / "resume"))[:2] == [10, 20]
     assert not list((tmp_path / "run").glob("*/**/.*.tmp*"))
     assert_every_file_loads(tmp_path / "run")
+
+
+def test_a_failing_resume_write_stops_the_run_at_the_next_step(tmp_path, data_dir, monkeypatch):
+    class FailsAt20(ewa.checkpointing.FileSystemWriter):
+        def write_data(self, plan, planner):
+            if "step_00000020" in str(self.path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write_data(plan, planner)
+
+    monkeypatch.setattr(ewa.checkpointing, "FileSystemWriter", FailsAt20)
+    with pytest.raises(CheckpointError, match=r"could not write the resume checkpoint .*\.step_00000020.tmp: .*"
+                                              r"No space left on device.*the last good resume checkpoint is .*step_00000010$"):
+        run(tiny_config(tmp_path / "run", data_dir))
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert max(r["step"] for r in metrics) < 30  # stopped within a few steps
+    assert list(list_checkpoints(tmp_path / "run" / "resume")) == [10]
 
 
 class PoisonedAt12(Trainer):
@@ -174,12 +192,12 @@ class NaNBatchAt7(Trainer):
 
     def train_step(self):
         if self.step == 6:
-            real = self.ddp
-            self.ddp = lambda x, y: (None, real(x, y)[1] * float("nan"))
+            real = self.train_module
+            self.train_module = lambda x, y: (None, real(x, y)[1] * float("nan"))
             try:
                 return super().train_step()
             finally:
-                self.ddp = real
+                self.train_module = real
         return super().train_step()
 
 
@@ -211,9 +229,10 @@ def test_a_damaged_latest_resume_checkpoint_falls_back_to_the_previous(tmp_path,
     cfg = tiny_config(tmp_path / "run", data_dir, max_steps=20)
     run(cfg)
     latest = list_checkpoints(tmp_path / "run" / "resume")[20]
-    latest.write_bytes(latest.read_bytes()[:1000])
+    (data,) = latest.glob("*.distcp")
+    data.write_bytes(data.read_bytes()[:1000])
     run(cfg.replace(init_from="resume", max_steps=30))
-    assert "warning: skipping" in capsys.readouterr().err and "step_00000020.pt" in str(latest)
+    assert "warning: skipping" in capsys.readouterr().err
     evals = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == [0, 10, 20, 30]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.optim.swa_utils import SWALR
 
-from conftest import ROOT, tiny_config, write_config_file
-from ewa.checkpoint import list_checkpoints, load_resume, load_weights
+from conftest import ROOT, resume_state, tiny_config, write_config_file
+from ewa.checkpoint import list_checkpoints, load_weights
 from ewa.config import ConfigError
 from ewa.logger import read_metrics
 from ewa.runtime import init_runtime
@@ -65,12 +65,11 @@ def test_branch_from_the_original_run_equals_swa_from_scratch(tmp_path, data_dir
     assert list(list_checkpoints(tmp_path / "orig" / "resume")) == [30, 40]  # the SWA start is kept
     run(swa_config(tmp_path / "branch", data_dir, init_from=str(tmp_path / "orig")))
     run(swa_config(tmp_path / "scratch", data_dir))
-    a = load_resume(list_checkpoints(tmp_path / "branch" / "resume")[40])
-    b = load_resume(list_checkpoints(tmp_path / "scratch" / "resume")[40])
+    a, b = resume_state(tmp_path / "branch", 40), resume_state(tmp_path / "scratch", 40)
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k])
-    for k, v in b["averagers"]["swa"]["tensors"].items():
-        assert torch.equal(a["averagers"]["swa"]["tensors"][k], v)
+    for k, v in b["averagers"]["swa"]["tensors"]["weights"].items():
+        assert torch.equal(a["averagers"]["swa"]["tensors"]["weights"][k], v)
     branch_evals = [r["step"] for r in read_metrics(tmp_path / "branch" / "metrics.jsonl") if r["kind"] == "eval"]
     assert branch_evals == [40]  # the first 75% is not trained (or evaluated) twice
 
@@ -92,11 +91,10 @@ def test_resume_in_the_middle_of_swa(tmp_path, data_dir):
     assert max(list_checkpoints(tmp_path / "split" / "resume")) == 35
     run(cfg.replace(init_from="resume"))
     run(cfg.replace(out_dir=str(tmp_path / "whole")))
-    a = load_resume(list_checkpoints(tmp_path / "split" / "resume")[40])
-    b = load_resume(list_checkpoints(tmp_path / "whole" / "resume")[40])
+    a, b = resume_state(tmp_path / "split", 40), resume_state(tmp_path / "whole", 40)
     assert a["averagers"]["swa"]["num_averaged"] == b["averagers"]["swa"]["num_averaged"] == 5
-    for k, v in b["averagers"]["swa"]["tensors"].items():
-        assert torch.equal(a["averagers"]["swa"]["tensors"][k], v)
+    for k, v in b["averagers"]["swa"]["tensors"]["weights"].items():
+        assert torch.equal(a["averagers"]["swa"]["tensors"]["weights"][k], v)
 
 
 def test_branch_step_must_exist(tmp_path, data_dir):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config, write_config_file
-from ewa.checkpoint import CheckpointError, list_checkpoints, load_resume, load_weights
+from conftest import ROOT, resume_state, tiny_config, write_config_file
+from ewa.checkpoint import CheckpointError, list_checkpoints, load_weights
 from ewa.config import ConfigError
 from ewa.logger import read_metrics
 from ewa.train import run
@@ -19,7 +19,7 @@ def evals(run_dir: Path) -> dict[int, dict]:
 
 
 def final_state(run_dir: Path) -> dict:
-    return load_resume(max(list_checkpoints(run_dir / "resume").items())[1])
+    return resume_state(run_dir)
 
 
 def test_tiny_run_learns_and_writes_its_files(tmp_path, data_dir):
@@ -50,8 +50,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     assert a["step"] == b["step"] == 40
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, v in a["averagers"]["ema"]["tensors"].items():
-        assert torch.equal(v, b["averagers"]["ema"]["tensors"][k]), k
+    for k, v in a["averagers"]["ema"]["tensors"]["weights"].items():
+        assert torch.equal(v, b["averagers"]["ema"]["tensors"]["weights"][k]), k
     assert evals(tmp_path / "whole")[40] == evals(tmp_path / "split")[40]
     steps = [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if r["kind"] != "start"]
     assert len(steps) == len(set(steps))  # no step logged twice
@@ -74,7 +74,7 @@ def test_a_finished_run_is_not_overwritten(tmp_path, data_dir):
     run(cfg)
     with pytest.raises(ConfigError, match="already holds a run.*--init_from=resume"):
         run(cfg)
-    with pytest.raises(CheckpointError, match=r"model does not match this config.*shapes \['transformer.h.0.attn.c_attn.weight: "
+    with pytest.raises(ConfigError, match=r"model does not match this config.*shapes \['transformer.h.0.attn.c_attn.weight: "
                                               r"\(96, 32\) vs model \(192, 64\)"):
         run(cfg.replace(init_from="resume", n_embd=64, max_steps=20))
 

@@ -1,0 +1,234 @@
+"""Parallelism: how the model is wrapped (DDP or FSDP2), which share of the parameters each
+rank owns for averaging and snapshots, and how shares are put back into the live model.
+
+A rank's *share* is a list of pieces, each a view into one parameter:
+- under FSDP2, the rank's local shard of every parameter (``DTensor.to_local()``: whole
+  rows, ``Shard(0)``);
+- under DDP (and in a single process), a fixed contiguous slice of the parameters
+  flattened one after another in ``named_parameters`` order, split as ``torch.chunk``
+  splits: rank r owns elements ``[r * c, (r + 1) * c)`` with ``c = ceil(numel / world)``.
+
+Averagers keep fp32 state for their share only (``Shares.alloc``), so a rank holds
+``1 / world`` of every average. The trainer calls this module and never branches on
+``parallel`` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+if TYPE_CHECKING:
+    from ewa.runtime import Runtime
+
+Tensors = list[torch.Tensor]
+GATHER_ELEMENTS = 1 << 24  # elements per rank per all-gather round when assembling a model (64 MiB fp32)
+
+
+def wrap(model: nn.Module, parallel: str, compile: bool, rt: Runtime) -> tuple[nn.Module, nn.Module]:
+    """(module to train, module to evaluate) around ``model``, which stays the raw handle.
+
+    ``ddp``: the model compiled as a whole, wrapped in DDP when a process group is up.
+    ``fsdp``: ``fully_shard`` on each transformer block, then on the root, in place (the
+    parameters become DTensors); each block compiled on its own. On CUDA the blocks compute
+    in bf16 (``rt.dtype``) with fp32 master weights and fp32 gradient reduction."""
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        half = rt.device_type == "cuda" and rt.dtype != torch.float32
+        policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=policy)
+            if compile:
+                block.compile(dynamic=False)
+        fully_shard(model, mp_policy=policy)
+        return model, model
+    model.to(rt.device)
+    compiled = torch.compile(model, dynamic=False) if compile else model
+    if not rt.grouped:
+        return compiled, compiled
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [rt.device.index] if rt.device_type == "cuda" else None
+    return DDP(compiled, device_ids=ids, gradient_as_bucket_view=True), compiled
+
+
+def accumulating(module: nn.Module, more_to_come: bool) -> contextlib.AbstractContextManager:
+    """Skip DDP's gradient all-reduce on the micro-steps before the last of a step (FSDP2
+    reduce-scatters every micro-step: its gradients stay sharded)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return module.no_sync() if more_to_come and isinstance(module, DDP) else contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Shares:
+    """This rank's pieces of the parameters: shapes, and how to view a flat buffer as them."""
+
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel() for s in self.shapes)
+
+    def split(self, flat: torch.Tensor) -> Tensors:
+        """Views of a flat buffer of ``numel`` elements, one per piece."""
+        return [t.view(s) for t, s in zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)]
+
+    def alloc(self, device: torch.device, pin: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A flat buffer for the pieces: on ``device``, or in pinned host memory with ``pin``."""
+        if pin:
+            return torch.empty(self.numel, dtype=dtype, pin_memory=True)
+        return torch.empty(self.numel, dtype=dtype, device=device)
+
+
+class Layout:
+    """Which pieces of the parameters this rank owns, and how to move them around."""
+
+    world: int
+    shares: Shares
+
+    def pieces(self, params: Tensors) -> Tensors:
+        """The rank's pieces of the live parameters (views: writing to them writes the model)."""
+        raise NotImplementedError
+
+    def load(self, params: Tensors, flat: torch.Tensor) -> None:
+        """Make every rank's live parameters hold the values whose share on each rank is
+        that rank's ``flat`` (all ranks call this together)."""
+        raise NotImplementedError
+
+    def global_tensors(self, name: str, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The share ``flat`` as reshardable checkpoint entries (DTensors under a process
+        group; plain full tensors in a single process)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def swapping(self, params: Tensors) -> Iterator[Callable[[torch.Tensor], None]]:
+        """Yields ``load(flat)``, which puts a share (e.g. an average) into the live model;
+        the live weights come back afterwards. Only this rank's share is backed up."""
+        backup = torch.cat([p.reshape(-1) for p in self.pieces(params)]) if self.shares.numel else None
+        try:
+            yield lambda flat: self.load(params, flat)
+        finally:
+            self.load(params, backup if backup is not None else torch.empty(0, device=params[0].device))
+
+    def where(self) -> list[tuple[str, int, torch.Size]]:
+        """For each piece: its parameter's name, the piece's offset in that parameter's
+        flattened elements, and the parameter's shape (what a shard file records)."""
+        raise NotImplementedError
+
+
+class FlatLayout(Layout):
+    """A contiguous slice of the flattened parameters (DDP, or one process)."""
+
+    def __init__(self, names: list[str], shapes: list[torch.Size], world: int, rank: int):
+        self.names, self.shapes = names, [torch.Size(s) for s in shapes]
+        self.world, self.rank = world, rank
+        self.total = sum(s.numel() for s in self.shapes)
+        self.chunk = math.ceil(self.total / world)
+        self.lo = min(self.total, rank * self.chunk)
+        self.hi = min(self.total, self.lo + self.chunk)
+        # (parameter index, start, stop) in that parameter's flattened elements
+        self.owned = list(self._overlaps(self.lo, self.hi))
+        self.shares = Shares(tuple(torch.Size([b - a]) for _, a, b in self.owned))
+
+    def _overlaps(self, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+        """(parameter index, start, stop) of the parameters' elements in global ``[lo, hi)``."""
+        offset = 0
+        for i, shape in enumerate(self.shapes):
+            n = shape.numel()
+            a, b = max(lo, offset), min(hi, offset + n)
+            if a < b:
+                yield i, a - offset, b - offset
+            offset += n
+
+    def pieces(self, params: Tensors) -> Tensors:
+        return [params[i].detach().view(-1)[a:b] for i, a, b in self.owned]
+
+    def where(self) -> list[tuple[str, int, torch.Size]]:
+        return [(self.names[i], a, self.shapes[i]) for i, a, _ in self.owned]
+
+    @torch.no_grad()
+    def load(self, params: Tensors, flat: torch.Tensor) -> None:
+        if self.world == 1:
+            torch._foreach_copy_(self.pieces(params), self.shares.split(flat))
+            return
+        # all-gather in rounds of GATHER_ELEMENTS per rank: no full-model buffer is needed
+        device, dtype = params[0].device, params[0].dtype
+        for start in range(0, self.chunk, GATHER_ELEMENTS):
+            size = min(GATHER_ELEMENTS, self.chunk - start)
+            mine = torch.zeros(size, device=device, dtype=dtype)
+            part = flat[start : start + size]
+            mine[: len(part)].copy_(part)
+            everyone = torch.empty(size * self.world, device=device, dtype=dtype)
+            dist.all_gather_into_tensor(everyone, mine)
+            for rank, got in enumerate(everyone.split(size)):
+                lo = rank * self.chunk + start
+                done = 0
+                for i, a, b in self._overlaps(lo, min(lo + size, self.total)):
+                    params[i].view(-1)[a:b].copy_(got[done : done + b - a])
+                    done += b - a
+
+    def global_tensors(self, name: str, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not dist.is_initialized():
+            return {name: flat}
+        mesh = world_mesh(flat.device)
+        return {name: DTensor.from_local(flat, mesh, [Shard(0)], run_check=False, shape=(self.total,), stride=(1,))}
+
+
+class ShardLayout(Layout):
+    """The local shards of FSDP2's DTensor parameters."""
+
+    def __init__(self, names: list[str], params: Tensors, modules: list[nn.Module]):
+        """``modules``: the FSDP modules, told to drop gathered weights after a load."""
+        self.names, self.modules = names, modules
+        self.world = params[0].device_mesh.size()
+        self.specs = [(p.shape, p.stride(), p.placements) for p in params]
+        self.shares = Shares(tuple(p.to_local().shape for p in params))
+        self.offsets = [
+            sum(o * s for o, s in zip(compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1], p.stride()))
+            for p in params
+        ]
+
+    def pieces(self, params: Tensors) -> Tensors:
+        return [p.detach().to_local() for p in params]
+
+    def where(self) -> list[tuple[str, int, torch.Size]]:
+        return [(n, o, spec[0]) for n, o, spec in zip(self.names, self.offsets, self.specs, strict=True)]
+
+    @torch.no_grad()
+    def load(self, params: Tensors, flat: torch.Tensor) -> None:
+        torch._foreach_copy_(self.pieces(params), self.shares.split(flat))
+        for module in self.modules:  # the root keeps its gathered weights after an eval forward
+            module.reshard()
+
+    def global_tensors(self, name: str, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        mesh = world_mesh(flat.device)
+        return {
+            f"{name}.{n}": DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
+            for n, t, (shape, stride, placements) in zip(self.names, self.shares.split(flat), self.specs, strict=True)
+        }
+
+
+def layout_of(names: list[str], params: Tensors, model: nn.Module, rt: Runtime) -> Layout:
+    if isinstance(params[0], DTensor):
+        from torch.distributed.fsdp import FSDPModule
+
+        return ShardLayout(names, params, [m for m in model.modules() if isinstance(m, FSDPModule)])
+    return FlatLayout(names, [p.shape for p in params], rt.world_size, rt.rank)
+
+
+def world_mesh(device: torch.device):
+    """A 1-D device mesh over every rank, for checkpoint entries held on ``device``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
