@@ -63,16 +63,18 @@ def main(argv: list[str] | None = None) -> dict:
         if args.steps < max(cfg.swa_every, cfg.lawa_nu):
             p.error(f"--steps={args.steps} must be at least swa_every={cfg.swa_every} and lawa_nu={cfg.lawa_nu}")
 
-        def make(where: torch.device, pin: bool) -> dict[str, Averager]:
+        def make(where: torch.device, pin: bool, out: torch.Tensor | None = None) -> dict[str, Averager]:
             return {
                 "ema": EMA(shares, share, cfg.ema_decay, where, pin),
-                "lawa": OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, where, pin),
+                "lawa": OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, where, pin, out=out),
                 "swa": SWA(shares, 0, cfg.swa_every, where, pin),
             }
 
         averagers = make(device, False)
         every = {"ema": 1, "lawa": cfg.lawa_nu, "swa": cfg.swa_every}
-        background = Averaging(make(torch.device("cpu"), device.type == "cuda"), share, shares, host=True)
+        pin = device.type == "cuda"
+        staging = shares.alloc(device, pin=pin)
+        background = Averaging(make(torch.device("cpu"), pin, out=staging), share, staging)
         trainer.averaging = background  # train_step makes the GPU wait for its copies before the optimizer step
         step_times: list[float] = []
         update_times: dict[str, list[float]] = {name: [] for name in [*averagers, "all, background"]}

@@ -133,12 +133,16 @@ class OnlineLAWA(Averager):
 
     name = "lawa"
 
-    def __init__(self, shares: Shares, k: int, nu: int, device: torch.device, pin: bool = False):
+    def __init__(
+        self, shares: Shares, k: int, nu: int, device: torch.device, pin: bool = False, out: torch.Tensor | None = None
+    ):
+        """``out``: where ``averaged`` writes the mean (default: a buffer of its own); valid
+        until the next ``update``."""
         super().__init__(shares, device, pin)
         self.k, self.nu = k, nu
         self.slots = [self._buffer() for _ in range(k)]
         self.slot_steps = [-1] * k  # the step each slot holds (-1: empty)
-        self.mean = self.shares.alloc(device, pin)
+        self.mean = out if out is not None else self.shares.alloc(device, pin)
 
     def acts(self, step: int) -> bool:
         return step % self.nu == 0
@@ -196,14 +200,17 @@ def copy_share(dst: Tensors, src: Tensors, stream: torch.cuda.Stream | None) -> 
 class Averaging:
     """Every averager of a run over this rank's share of the live parameters."""
 
-    def __init__(self, averagers: dict[str, Averager], share: Tensors, shares: Shares, host: bool):
-        """``share``: views of the live parameters (updated in place by the optimizer)."""
-        self.averagers, self.share, self.host = averagers, share, host
+    def __init__(self, averagers: dict[str, Averager], share: Tensors, staging: torch.Tensor | None = None):
+        """``share``: views of the live parameters (updated in place by the optimizer).
+        ``staging``: a host buffer of the share's size (pinned for a GPU); when given, the
+        averagers' state is on the host and updated in the background from copies made
+        into it (it may also hold online LAWA's output, which is read before the next update)."""
+        self.averagers, self.share, self.host = averagers, share, staging is not None
         self._job: Future | None = None
         self._copied: torch.cuda.Event | None = None
-        if host and averagers:
+        if self.host:
+            self.staging = [t.view(s.shape) for t, s in zip(staging.split([t.numel() for t in share]), share, strict=True)]
             on_gpu = share[0].device.type == "cuda"
-            self.staging = shares.split(shares.alloc(share[0].device, pin=on_gpu))
             self._stream = torch.cuda.Stream(share[0].device) if on_gpu else None
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewa-averaging")
 
@@ -240,7 +247,7 @@ class Averaging:
 
     def submit(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` once the background updates in flight are done (at once on the device)."""
-        if self.host and self.averagers:
+        if self.host:
             return self._pool.submit(fn)
         done: Future = Future()
         done.set_result(fn())
@@ -252,5 +259,5 @@ class Averaging:
 
     def close(self) -> None:
         self.wait()
-        if self.host and self.averagers:
+        if self.host:
             self._pool.shutdown()

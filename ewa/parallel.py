@@ -46,6 +46,9 @@ def wrap(model: nn.Module, parallel: str, compile: bool, rt: Runtime) -> tuple[n
 
         half = rt.device_type == "cuda" and rt.dtype != torch.float32
         policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+        if compile:  # the blocks share one forward; with per-layer attention scales each compiles its own graph
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 2 * len(model.transformer.h))
         for block in model.transformer.h:
             fully_shard(block, mp_policy=policy)
             if compile:

@@ -87,8 +87,9 @@ class Trainer:
         )
         self.layout = layout_of(self.names, self.params, self.model, runtime)
         self.share = self.layout.pieces(self.params)
-        host = cfg.averaging_device == "cpu"
-        self.averaging = Averaging(self.build_averagers(host), self.share, self.layout.shares, host)
+        # averaging_device=cpu: the averages live in (pinned) host memory, updated in the background
+        staging = self.layout.shares.alloc(runtime.device, pin=runtime.device_type == "cuda") if cfg.averaging_device == "cpu" else None
+        self.averaging = Averaging(self.build_averagers(staging), self.share, staging)
         self.snapshots = SnapshotWriter(self.layout, runtime.device, runtime.rank, self.after_snapshot)
         self.resumes = ResumeCheckpointer(resume_dir(self.run_dir), runtime.device, runtime.rank, runtime.world_size, self.after_resume)
         self.step = 0
@@ -114,17 +115,18 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def build_averagers(self, host: bool) -> dict[str, Averager]:
-        """The averagers of the config over this rank's share, from the current weights."""
+    def build_averagers(self, staging: torch.Tensor | None) -> dict[str, Averager]:
+        """The averagers of the config over this rank's share, from the current weights; on
+        the host when given the ``staging`` buffer (which then also holds LAWA's output)."""
         cfg, shares, device, averagers = self.cfg, self.layout.shares, self.rt.device, {}
-        pin = host and device.type == "cuda"
-        where = torch.device("cpu") if host else device
+        pin = staging is not None and device.type == "cuda"
+        where = torch.device("cpu") if staging is not None else device
         if cfg.ema:
             averagers["ema"] = EMA(shares, self.share, cfg.ema_decay, where, pin)
         if cfg.swa:
             averagers["swa"] = SWA(shares, cfg.swa_start_step(), cfg.swa_every, where, pin)
         if cfg.lawa_online:
-            averagers["lawa"] = OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, where, pin)
+            averagers["lawa"] = OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, where, pin, out=staging)
         return averagers
 
     def load_initial(self) -> list[Path]:
@@ -439,6 +441,7 @@ class Trainer:
 
     def save_snapshots(self) -> None:
         """The raw weights and every average but LAWA's (lawa.py makes those offline)."""
+        self.averaging.wait()  # background updates of this step done: the averages are this step's
         kinds = {"raw": self.share}
         for name, averager in self.averaging.averagers.items():
             flat = averager.averaged(self.step) if name != "lawa" else None
@@ -470,6 +473,7 @@ class Trainer:
                     remove(snaps[step])
 
     def save_resume_checkpoint(self) -> None:
+        self.averaging.wait()  # the counters saved are those of the tensors copied
         optimizer = get_optimizer_state_dict(self.model, self.optimizer)
         tensors = self.state_tensors(optimizer["state"])
         lane = {k for k in tensors if k.startswith("averagers.")} if self.averaging.host else set()

@@ -111,7 +111,7 @@ def test_background_updates_equal_direct_ones():
         live = [t.clone() for t in traj[0]]
         layout = whole()
         make = {name: m(layout, traj[0]) for name, m in MAKERS.items()}
-        averaging = Averaging(make, layout.pieces(live), layout.shares, host=host)
+        averaging = Averaging(make, layout.pieces(live), layout.shares.alloc(CPU) if host else None)
         for step in range(len(traj)):
             torch._foreach_copy_(live, traj[step])  # the optimizer's in-place step
             averaging.update(step)

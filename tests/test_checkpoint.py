@@ -117,3 +117,18 @@ def test_list_checkpoints_orders_by_step_and_skips_temporaries(tmp_path):
     (tmp_path / "ckpt_10.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="both claim step 10"):
         list_checkpoints(tmp_path)
+
+
+def test_our_safetensors_writer_is_read_by_safetensors_itself(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ewa.checkpoint import write_safetensors
+
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(3, 5), "b": torch.randn(7).bfloat16(), "e": torch.zeros(0), "x": torch.randn(2, 2).t()}
+    write_safetensors(tmp_path / "t.safetensors", tensors, {"step": "3", "kind": "raw"})
+    back = load_file(tmp_path / "t.safetensors")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert f.metadata() == {"step": "3", "kind": "raw"}

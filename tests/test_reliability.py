@@ -142,15 +142,15 @@ def test_sigterm_saves_a_resume_checkpoint_and_exits_cleanly(reference, tmp_path
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_a_failing_disk_stops_the_run_and_keeps_the_last_resume_checkpoint(tmp_path, data_dir, monkeypatch, code):
-    real, calls = ewa.checkpoint.save_file, [0]
+    real, calls = ewa.checkpoint.write_safetensors, [0]
 
-    def failing(tensors, path, metadata=None):
+    def failing(path, tensors, metadata):
         calls[0] += 1
         if calls[0] > 12:  # the snapshots of steps 0..25 (two kinds) succeed
             raise OSError(code, os.strerror(code))
-        return real(tensors, path, metadata=metadata)
+        return real(path, tensors, metadata)
 
-    monkeypatch.setattr(ewa.checkpoint, "save_file", failing)
+    monkeypatch.setattr(ewa.checkpoint, "write_safetensors", failing)
     cfg = tiny_config(tmp_path / "run", data_dir)
     with pytest.raises(CheckpointError, match=rf"could not write .*step_00000030.safetensors: {os.strerror(code)}; "
                                               r"the last good resume checkpoint is .*step_000000[23]0$"):

@@ -1,0 +1,102 @@
+"""Checkpoint blocking: how long a snapshot and a resume checkpoint hold the training thread,
+written synchronously (as this project did before: safetensors / ``torch.save`` on the training
+thread, with fsync) against in the background (``Trainer.save_snapshots`` and
+``Trainer.save_resume_checkpoint``: a copy into pinned host buffers, on a side stream from a
+GPU, then a background writer), on a model of the config's shapes (GPT-2 small by default).
+
+The yardstick is one in-memory copy of the model: the rank's share copied into a
+preallocated (pinned) host buffer. Target: the background paths block the training thread for
+at most twice that. ``written_s`` is when the files are complete (not on the training thread
+in the background paths). Each figure is the median of ``--repeats``.
+
+    python bench/checkpoint_blocking.py --data_dir=data/shakespeare            # CPU, GPT-2 small
+    python bench/checkpoint_blocking.py --device=cuda --data_dir=data/shakespeare --lawa_online=True
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, bench_trainer, median, parse, report, sync, target, trainer_parser, trainer_summary  # noqa: E402
+from ewa.averaging import copy_share  # noqa: E402
+from ewa.checkpoint import atomic_write, save_snapshot  # noqa: E402
+
+TARGET = 2.0  # background blocking, in in-memory copies of the model
+
+COLUMNS = {"checkpoint": "s", "mode": "s", "blocked_ms": ",.1f", "written_s": ".3f", "vs_copy": ".2f"}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = trainer_parser("checkpoint_blocking", __doc__)
+    p.set_defaults(config=str(ROOT / "configs" / "small.py"))
+    args, overrides = parse(p, argv, overrides=True)
+    with bench_trainer(args, overrides) as trainer:
+        device = trainer.rt.device
+        trainer.train_step()  # AdamW's state exists
+        trainer.averaging.update(trainer.step)
+        run_dir = trainer.run_dir
+        share, shares = trainer.share, trainer.layout.shares
+        buffer = shares.split(shares.alloc(device, pin=device.type == "cuda"))
+
+        def one_copy() -> float:
+            sync(device)
+            start = time.perf_counter()
+            copy_share(buffer, share, None)
+            sync(device)
+            return time.perf_counter() - start
+
+        copy_s = median([one_copy() for _ in range(args.repeats + 1)][1:])
+        rows = [{"checkpoint": "model", "mode": "one copy", "blocked_ms": 1000 * copy_s, "written_s": None, "vs_copy": 1.0}]
+
+        def measure(name: str, mode: str, save, wait) -> None:
+            blocked, written = [], []
+            for i in range(args.repeats + 1):  # the first allocates buffers: not timed
+                trainer.step += 1
+                sync(device)
+                start = time.perf_counter()
+                save()
+                blocked.append(time.perf_counter() - start)
+                wait()
+                sync(device)
+                written.append(time.perf_counter() - start)
+            b = median(blocked[1:])
+            rows.append({"checkpoint": name, "mode": mode, "blocked_ms": 1000 * b, "written_s": median(written[1:]),
+                         "vs_copy": b / copy_s})
+
+        def sync_snapshot() -> None:
+            weights = {"raw": share} | {n: shares.split(a.averaged(trainer.step)) for n, a in trainer.averaging.averagers.items()
+                                        if n != "lawa" and a.averaged(trainer.step) is not None}
+            for kind, pieces in weights.items():
+                tensors = {name: t.view(shape) for (name, _, shape), t in zip(trainer.layout.where(), pieces, strict=True)}
+                save_snapshot(run_dir / "sync" / kind / f"{trainer.step}.safetensors", tensors, {"kind": kind})
+
+        def sync_resume() -> None:
+            state = {
+                "model": dict(zip(trainer.names, trainer.params, strict=True)),
+                "optimizer": trainer.optimizer.state_dict(),
+                "averagers": {n: a.tensors() for n, a in trainer.averaging.averagers.items()},
+            }
+            atomic_write(run_dir / "sync" / f"resume_{trainer.step}.pt", lambda tmp: torch.save(state, tmp))
+
+        nothing = lambda: None  # noqa: E731
+        measure("snapshot", "synchronous", sync_snapshot, nothing)
+        measure("snapshot", "background", trainer.save_snapshots, trainer.snapshots.background.wait)
+        measure("resume", "synchronous", sync_resume, nothing)
+        measure("resume", "background", trainer.save_resume_checkpoint, trainer.resumes.background.wait)
+        trainer.close()
+    targets = [
+        target(f"{r['checkpoint']} background blocking", f"<= {TARGET:g} copies of the model", r["vs_copy"],
+               r["vs_copy"] <= TARGET)
+        for r in rows if r["mode"] == "background"
+    ]
+    return report("checkpoint_blocking", args, device, rows, COLUMNS, targets, trainer_summary(trainer))
+
+
+if __name__ == "__main__":
+    main()
