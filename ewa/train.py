@@ -210,14 +210,14 @@ class Trainer:
             raise CheckpointError(f"{path}: lacks {lacking[:3]}; not a checkpoint of this model and optimizer")
         restored = set()
         for name, averager in self.averaging.averagers.items():
-            if name in meta["averagers"] and any(k.startswith(f"averagers.{name}.") for k in saved):
+            if name in meta["averagers"] and {k for k in tensors if k.startswith(f"averagers.{name}.")} <= saved:
                 try:
                     averager.load_counters(meta["averagers"][name])
                 except ValueError as e:
                     raise ConfigError(f"{path}: {e}") from None
                 restored.add(name)
-            elif self.rt.master:
-                print(f"note: the checkpoint has no {name} state; {name} starts at step {meta['step']}")
+            elif self.rt.master:  # e.g. saved under the other `parallel`, whose shares differ
+                print(f"note: the checkpoint has no {name} state of this layout; {name} starts at step {meta['step']}")
         load_into(path, {k: t for k, t in tensors.items() if not k.startswith("averagers.") or k.split(".")[1] in restored})
         set_optimizer_state_dict(self.model, self.optimizer, {"state": optimizer["state"], "param_groups": meta["param_groups"]})
         self.step, self.fresh = meta["step"], False

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
 
 TINY_TRAINING = [
@@ -116,3 +117,36 @@ def test_checkpoint_cost(tmp_path):
     assert all(positive(r["bytes"], r["write_s"]) for r in rows.values())
     # fp32 weights vs weights + AdamW's two moments: about a third
     assert 0.3 < rows["snapshot"]["size_vs_full"] < 0.36
+
+
+def test_checkpoint_blocking(tmp_path, data_dir):
+    result = run_bench("checkpoint_blocking", tmp_path / "b.json", f"--data_dir={data_dir}", "--config=configs/tiny.py",
+                       *TINY_TRAINING, "--repeats=1")
+    rows = {(r["checkpoint"], r["mode"]) for r in result["results"]}
+    assert rows == {("model", "one copy"), ("snapshot", "synchronous"), ("snapshot", "background"),
+                    ("resume", "synchronous"), ("resume", "background")}
+    assert all(positive(r["blocked_ms"]) for r in result["results"])
+    assert [t["name"] for t in result["targets"]] == ["snapshot background blocking", "resume background blocking"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_memory_plan_counts_each_ranks_share(parallel):
+    proc = subprocess.run(
+        [sys.executable, "bench/memory_plan.py", "--config=configs/large.py", "--world_size=8", f"--parallel={parallel}",
+         "--lawa_online=True", "--lawa_k=5", "--averaging_device=cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    from ewa.config import load_config
+    from model import GPT
+
+    with torch.device("meta"):
+        model = GPT(load_config(ROOT / "configs" / "large.py", []).model_config(0))
+    assert plan["model_bytes"] == 4 * sum(p.numel() for p in model.parameters())
+    share = plan["rows"]["EMA"]["host"]
+    assert share == pytest.approx(plan["model_bytes"] / 8, rel=0.01)  # rank 0's share: an eighth
+    assert plan["rows"]["LAWA (k=5)"]["host"] == 5 * share and plan["averaging_bytes_per_rank"] == 6 * share
+    assert plan["averaging_host_bytes_per_rank"] <= 2.5e9  # the target (one full copy per LAWA slot was 15.5 GB)
+    optimizer = plan["rows"]["optimizer (AdamW)"]["device"]
+    assert optimizer == pytest.approx(2 * plan["model_bytes"] / (8 if parallel == "fsdp" else 1), rel=0.01)

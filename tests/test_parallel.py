@@ -378,3 +378,20 @@ def test_background_averaging_is_checkpointed_consistently(tmp_path, data_dir, m
     assert state["averagers"]["swa"]["num_averaged"] == 5  # steps 22, 24, ..., 30
     run(cfg.replace(init_from="resume"))
     assert {"raw", "ema", "swa", "lawa"} <= evals(tmp_path / "run")[40].keys()
+
+
+def test_a_fsdp_checkpoint_continues_under_ddp_in_one_process(runs, tmp_path, capsys):
+    """Switching `parallel` keeps the model and optimizer; the averages, sharded otherwise, restart."""
+    from ewa.config import config_from_dict
+    from ewa.runtime import init_runtime
+    from ewa.train import Trainer
+
+    saved = json.loads((runs["fsdp"] / "config.json").read_text())
+    cfg = config_from_dict(saved).replace(out_dir=str(tmp_path / "ddp"), init_from=str(runs["fsdp"]), branch_step=40,
+                                          parallel="ddp", averaging_device="gpu")
+    trainer = Trainer(cfg, init_runtime("cpu", "float32"))
+    final = resume_state(runs["fsdp"])
+    assert trainer.step == 40
+    assert all(torch.equal(p.detach(), final["model"][n]) for n, p in zip(trainer.names, trainer.params))
+    assert "the checkpoint has no ema state of this layout; ema starts at step 40" in capsys.readouterr().out
+    trainer.close()
