@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
             return time.perf_counter() - start
 
         copy_s = median([one_copy() for _ in range(args.repeats + 1)][1:])
-        rows = [{"checkpoint": "model", "mode": "one copy", "blocked_ms": 1000 * copy_s, "written_s": None, "vs_copy": 1.0}]
+        rows = [
+            {"checkpoint": "model", "mode": "one copy", "blocked_ms": 1000 * copy_s, "written_s": None, "vs_copy": 1.0}
+        ]
 
         def measure(name: str, mode: str, save, wait) -> None:
             blocked, written = [], []
@@ -66,14 +68,26 @@ def main(argv: list[str] | None = None) -> dict:
                 sync(device)
                 written.append(time.perf_counter() - start)
             b = median(blocked[1:])
-            rows.append({"checkpoint": name, "mode": mode, "blocked_ms": 1000 * b, "written_s": median(written[1:]),
-                         "vs_copy": b / copy_s})
+            rows.append(
+                {
+                    "checkpoint": name,
+                    "mode": mode,
+                    "blocked_ms": 1000 * b,
+                    "written_s": median(written[1:]),
+                    "vs_copy": b / copy_s,
+                }
+            )
 
         def sync_snapshot() -> None:
-            weights = {"raw": share} | {n: shares.split(a.averaged(trainer.step)) for n, a in trainer.averaging.averagers.items()
-                                        if n != "lawa" and a.averaged(trainer.step) is not None}
+            weights = {"raw": share} | {
+                n: shares.split(a.averaged(trainer.step))
+                for n, a in trainer.averaging.averagers.items()
+                if n != "lawa" and a.averaged(trainer.step) is not None
+            }
             for kind, pieces in weights.items():
-                tensors = {name: t.view(shape) for (name, _, shape), t in zip(trainer.layout.where(), pieces, strict=True)}
+                tensors = {
+                    name: t.view(shape) for (name, _, shape), t in zip(trainer.layout.where(), pieces, strict=True)
+                }
                 save_snapshot(run_dir / "sync" / kind / f"{trainer.step}.safetensors", tensors, {"kind": kind})
 
         def sync_resume() -> None:
@@ -91,9 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
         measure("resume", "background", trainer.save_resume_checkpoint, trainer.resumes.background.wait)
         trainer.close()
     targets = [
-        target(f"{r['checkpoint']} background blocking", f"<= {TARGET:g} copies of the model", r["vs_copy"],
-               r["vs_copy"] <= TARGET)
-        for r in rows if r["mode"] == "background"
+        target(
+            f"{r['checkpoint']} background blocking",
+            f"<= {TARGET:g} copies of the model",
+            r["vs_copy"],
+            r["vs_copy"] <= TARGET,
+        )
+        for r in rows
+        if r["mode"] == "background"
     ]
     return report("checkpoint_blocking", args, device, rows, COLUMNS, targets, trainer_summary(trainer))
 

@@ -40,8 +40,16 @@ from ewa.checkpoint import Weights, list_checkpoints  # noqa: E402
 from ewa.checkpointing import read_resume  # noqa: E402
 from ewa.logger import read_metrics  # noqa: E402
 
-AVERAGING = ["--ema=True", "--swa_start=0.4", "--swa_every=5", "--swa_anneal_steps=20", "--lawa_online=True",
-             "--lawa_k=3", "--lawa_nu=20", "--ckpt_interval=40"]
+AVERAGING = [
+    "--ema=True",
+    "--swa_start=0.4",
+    "--swa_every=5",
+    "--swa_anneal_steps=20",
+    "--lawa_online=True",
+    "--lawa_k=3",
+    "--lawa_nu=20",
+    "--ckpt_interval=40",
+]
 RUNS = {
     "ddp-base": ["--parallel=ddp", "--ema=False", "--swa=False", "--ckpt_interval=100000"],
     "ddp": ["--parallel=ddp", *AVERAGING],
@@ -53,8 +61,16 @@ RUNS = {
 def train(out: Path, args: list[str], stop_at: int | None) -> float:
     """Run train_swa.py under torchrun; with ``stop_at``, SIGTERM the rank once that step is
     logged, then resume. Returns the wall seconds."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train_swa.py", *args,
-           f"--out_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "train_swa.py",
+        *args,
+        f"--out_dir={out}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -129,10 +145,19 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: the GPU check runs on a GPU")
     common = [
-        "configs/small.py", f"--data_dir={args.data_dir}", f"--max_steps={args.steps}",
-        f"--tokens_per_step={args.tokens_per_step}", "--micro_batch_size=16", "--warmup_steps=20", "--log_interval=20",
-        f"--eval_interval={args.steps // 2}", "--eval_tokens=65536", f"--resume_interval={args.steps // 2}",
-        "--dtype=bfloat16", "--compile=True", "--wandb_log=False",
+        "configs/small.py",
+        f"--data_dir={args.data_dir}",
+        f"--max_steps={args.steps}",
+        f"--tokens_per_step={args.tokens_per_step}",
+        "--micro_batch_size=16",
+        "--warmup_steps=20",
+        "--log_interval=20",
+        f"--eval_interval={args.steps // 2}",
+        "--eval_tokens=65536",
+        f"--resume_interval={args.steps // 2}",
+        "--dtype=bfloat16",
+        "--compile=True",
+        "--wandb_log=False",
     ]
     results = {}
     with tempfile.TemporaryDirectory(prefix="ewa-gpu-check-") as tmp:
@@ -146,16 +171,25 @@ def main(argv: list[str] | None = None) -> dict:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")  # what is done so far
     base = results.get("ddp-base")
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.steps} steps of {args.tokens_per_step:,} tokens")
+    device = torch.cuda.get_device_name()
+    print(f"\n{device}, torch {torch.__version__}, {args.steps} steps of {args.tokens_per_step:,} tokens")
     print(f"{'run':<10} {'ms/step':>8} {'MFU':>6} {'overhead':>9} {'ckpt s/step':>12} {'eval s':>7} {'peak GiB':>9}")
     for name, r in results.items():
         if base:
             per_step = lambda x: x["ms_per_step"] / 1000 + x["ckpt_s_per_step"]  # noqa: E731
             r["overhead"] = per_step(r) / per_step(base) - 1
-        print(f"{name:<10} {r['ms_per_step']:>8.1f} {100 * r['mfu']:>5.1f}% {100 * r.get('overhead', 0):>8.1f}% "
-              f"{r['ckpt_s_per_step']:>12.4f} {r['eval_s']:>7.1f} {r['peak_mem_gib']:>9.1f}")
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
-           "steps": args.steps, "tokens_per_step": args.tokens_per_step, "runs": results}
+        print(
+            f"{name:<10} {r['ms_per_step']:>8.1f} {100 * r['mfu']:>5.1f}% {100 * r.get('overhead', 0):>8.1f}% "
+            f"{r['ckpt_s_per_step']:>12.4f} {r['eval_s']:>7.1f} {r['peak_mem_gib']:>9.1f}"
+        )
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "steps": args.steps,
+        "tokens_per_step": args.tokens_per_step,
+        "runs": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))

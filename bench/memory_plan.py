@@ -64,7 +64,6 @@ def plan(cfg, world: int, rank: int) -> dict:
         layout = layout_of(names, params, model, rt)
         share = layout.pieces(params)
         host = cfg.averaging_device == "cpu"
-        where = 1 if host else 0  # column: 0 device, 1 host
         averagers = {}
         if cfg.ema:
             averagers["EMA"] = EMA(layout.shares, share, cfg.ema_decay, rt.device)
@@ -126,8 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
             total = [total[0] + device, total[1] + host]
     print(f"{'total':<38} {total[0] / GB:>10.3f} {total[1] / GB:>10.3f}")
     host_state = result["averaging_host_bytes_per_rank"]
-    print(f"{'OK  ' if host_state <= HOST_TARGET else 'MISS'} averaging state in host memory per rank: "
-          f"{host_state / GB:.2f} GB (target <= {HOST_TARGET / GB:.1f} GB)")
+    print(
+        f"{'OK  ' if host_state <= HOST_TARGET else 'MISS'} averaging state in host memory per rank: "
+        f"{host_state / GB:.2f} GB (target <= {HOST_TARGET / GB:.1f} GB)"
+    )
     out = {
         "config": args.config,
         "world_size": args.world_size,
@@ -139,7 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
         "model_bytes": result["model_bytes"],
         "device_bytes_per_rank": total[0],
         "host_bytes_per_rank": total[1],
-        "rows": {name: {"device": d, "host": h} for section in ("rows", "buffers") for name, (d, h) in result[section].items()},
+        "rows": {
+            name: {"device": d, "host": h}
+            for section in ("rows", "buffers")
+            for name, (d, h) in result[section].items()
+        },
     }
     print(json.dumps(out))
     return out

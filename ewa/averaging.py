@@ -209,7 +209,9 @@ class Averaging:
         self._job: Future | None = None
         self._copied: torch.cuda.Event | None = None
         if self.host:
-            self.staging = [t.view(s.shape) for t, s in zip(staging.split([t.numel() for t in share]), share, strict=True)]
+            self.staging = [
+                t.view(s.shape) for t, s in zip(staging.split([t.numel() for t in share]), share, strict=True)
+            ]
             on_gpu = share[0].device.type == "cuda"
             self._stream = torch.cuda.Stream(share[0].device) if on_gpu else None
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewa-averaging")

@@ -41,7 +41,14 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
 from ewa.averaging import copy_share
-from ewa.checkpoint import CheckpointError, atomic_write_text, fsync_path, save_snapshot, save_snapshot_shard, snapshot_name
+from ewa.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    fsync_path,
+    save_snapshot,
+    save_snapshot_shard,
+    snapshot_name,
+)
 from ewa.parallel import Layout
 
 # a lone process saves and loads without a process group, as intended
@@ -65,7 +72,9 @@ class Stager:
             buf = self.buffers[key] = torch.empty(like.shape, dtype=like.dtype, pin_memory=self.cuda)
         return buf
 
-    def stage(self, live: dict[str, torch.Tensor], lane: dict[str, torch.Tensor], run_on_lane: Lane) -> tuple[dict, Callable[[], None]]:
+    def stage(
+        self, live: dict[str, torch.Tensor], lane: dict[str, torch.Tensor], run_on_lane: Lane
+    ) -> tuple[dict, Callable[[], None]]:
         """Host copies of ``live`` (copied now, asynchronously from a GPU) and of ``lane``
         (state updated in the background, copied by ``run_on_lane`` after its updates);
         returns them and a function that blocks until every copy is done."""
@@ -138,7 +147,15 @@ class SnapshotWriter:
         self.background = Background("ewa-snapshots")
         self.after_write = after_write
 
-    def save(self, folders: dict[str, Path], step: int, live: dict[str, list], lane: dict[str, list], run_on_lane: Lane, meta: dict[str, str]) -> None:
+    def save(
+        self,
+        folders: dict[str, Path],
+        step: int,
+        live: dict[str, list],
+        lane: dict[str, list],
+        run_on_lane: Lane,
+        meta: dict[str, str],
+    ) -> None:
         """Snapshot each kind's share (a list of pieces, as the layout's) into ``folders[kind]``."""
         self.background.wait()  # one write in flight: the buffers are free again
         flatten = lambda d: {f"{kind}/{i}": t for kind, pieces in d.items() for i, t in enumerate(pieces)}  # noqa: E731
@@ -146,17 +163,24 @@ class SnapshotWriter:
         kinds = list(live) + list(lane)
         self.background.submit(self._write, folders, step, kinds, staged, ready, meta)
 
-    def _write(self, folders: dict[str, Path], step: int, kinds: list[str], staged: dict, ready: Callable, meta: dict) -> None:
+    def _write(
+        self, folders: dict[str, Path], step: int, kinds: list[str], staged: dict, ready: Callable, meta: dict
+    ) -> None:
         ready()
         for kind in kinds:
-            pieces = [(name, offset, shape, staged[f"{kind}/{i}"]) for i, (name, offset, shape) in enumerate(self.layout.where())]
+            pieces = [
+                (name, offset, shape, staged[f"{kind}/{i}"])
+                for i, (name, offset, shape) in enumerate(self.layout.where())
+            ]
             path = folders[kind] / snapshot_name(step)
             try:
                 if self.layout.world == 1:
                     save_snapshot(path, {name: t.view(shape) for name, _, shape, t in pieces}, meta | {"kind": kind})
                 else:
                     path = path.with_suffix("")
-                    save_snapshot_shard(path, self.rank, self.layout.world, [p for p in pieces if p[3].numel()], meta | {"kind": kind})
+                    save_snapshot_shard(
+                        path, self.rank, self.layout.world, [p for p in pieces if p[3].numel()], meta | {"kind": kind}
+                    )
             except OSError as e:
                 raise _write_error(path, e) from None
         self.after_write(step)
@@ -217,7 +241,9 @@ class ResumeCheckpointer:
         self.background = Background("ewa-resume")
         self.after_save = after_save
 
-    def save(self, step: int, flat: dict[str, torch.Tensor], lane_keys: set[str], run_on_lane: Lane, meta: dict) -> None:
+    def save(
+        self, step: int, flat: dict[str, torch.Tensor], lane_keys: set[str], run_on_lane: Lane, meta: dict
+    ) -> None:
         """Write ``flat`` (name -> tensor or DTensor; those in ``lane_keys`` are updated in the
         background) and ``meta`` (JSON) as the checkpoint of ``step``."""
         self.background.wait()
@@ -282,9 +308,17 @@ class _MetadataUnpickler(pickle.Unpickler):
         allowed = (
             module == "torch.distributed.checkpoint.metadata"
             or (module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo")
-            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))))
+            or (
+                module == "torch"
+                and (
+                    name == "Size"
+                    or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+                )
+            )
             or (module == "torch.serialization" and name == "_get_layout")
-            or (module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))
+            or (
+                module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
+            )
             or (module == "collections" and name == "OrderedDict")
         )
         if not allowed:

@@ -45,7 +45,9 @@ def wrap(model: nn.Module, parallel: str, compile: bool, rt: Runtime) -> tuple[n
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         half = rt.device_type == "cuda" and rt.dtype != torch.float32
-        policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+        )
         if compile:  # the blocks share one forward; with per-layer attention scales each compiles its own graph
             limit = torch._dynamo.config.recompile_limit
             torch._dynamo.config.recompile_limit = max(limit, 2 * len(model.transformer.h))
@@ -198,7 +200,12 @@ class ShardLayout(Layout):
         self.specs = [(p.shape, p.stride(), p.placements) for p in params]
         self.shares = Shares(tuple(p.to_local().shape for p in params))
         self.offsets = [
-            sum(o * s for o, s in zip(compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1], p.stride()))
+            sum(
+                o * s
+                for o, s in zip(
+                    compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1], p.stride()
+                )
+            )
             for p in params
         ]
 

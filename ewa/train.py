@@ -87,11 +87,14 @@ class Trainer:
         )
         self.layout = layout_of(self.names, self.params, self.model, runtime)
         self.share = self.layout.pieces(self.params)
-        # averaging_device=cpu: the averages live in (pinned) host memory, updated in the background
-        staging = self.layout.shares.alloc(runtime.device, pin=runtime.device_type == "cuda") if cfg.averaging_device == "cpu" else None
+        staging = None  # averaging_device=cpu: the averages live in (pinned) host memory, updated in the background
+        if cfg.averaging_device == "cpu":
+            staging = self.layout.shares.alloc(runtime.device, pin=runtime.device_type == "cuda")
         self.averaging = Averaging(self.build_averagers(staging), self.share, staging)
         self.snapshots = SnapshotWriter(self.layout, runtime.device, runtime.rank, self.after_snapshot)
-        self.resumes = ResumeCheckpointer(resume_dir(self.run_dir), runtime.device, runtime.rank, runtime.world_size, self.after_resume)
+        self.resumes = ResumeCheckpointer(
+            resume_dir(self.run_dir), runtime.device, runtime.rank, runtime.world_size, self.after_resume
+        )
         self.step = 0
         self.fresh = True  # False once state is loaded from a resume checkpoint
         if checkpoints:
@@ -201,8 +204,9 @@ class Trainer:
         raise CheckpointError(f"{resume_dir(self.run_dir)}: no resume checkpoint could be read")
 
     def _load_state(self, path: Path) -> None:
-        meta, saved = read_meta(path), set(SafeReader(path).read_metadata().state_dict_metadata)
-        self.check_model_shapes(path)
+        stored = SafeReader(path).read_metadata().state_dict_metadata
+        meta, saved = read_meta(path), set(stored)
+        self.check_model_shapes(path, stored)
         optimizer = get_optimizer_state_dict(self.model, self.optimizer)  # (creates a fresh optimizer's state)
         tensors = self.state_tensors(optimizer["state"])
         lacking = sorted(k for k in tensors.keys() - saved if not k.startswith("averagers."))
@@ -218,12 +222,13 @@ class Trainer:
                 restored.add(name)
             elif self.rt.master:  # e.g. saved under the other `parallel`, whose shares differ
                 print(f"note: the checkpoint has no {name} state of this layout; {name} starts at step {meta['step']}")
-        load_into(path, {k: t for k, t in tensors.items() if not k.startswith("averagers.") or k.split(".")[1] in restored})
-        set_optimizer_state_dict(self.model, self.optimizer, {"state": optimizer["state"], "param_groups": meta["param_groups"]})
+        wanted = {k: t for k, t in tensors.items() if not k.startswith("averagers.") or k.split(".")[1] in restored}
+        load_into(path, wanted)
+        optimizer["param_groups"] = meta["param_groups"]
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer)
         self.step, self.fresh = meta["step"], False
 
-    def check_model_shapes(self, path: Path) -> None:
-        stored = SafeReader(path).read_metadata().state_dict_metadata
+    def check_model_shapes(self, path: Path, stored: dict) -> None:
         own = dict(zip(self.names, self.params, strict=True))
         shapes = [
             f"{n}: {tuple(stored[f'model.{n}'].size)} vs model {tuple(own[n].shape)}"
@@ -292,7 +297,7 @@ class Trainer:
                 self.log_train()
                 if self.rt.any(self.stop_signal is not None):
                     self.save_resume_checkpoint()
-                    self.wait_for_writes()
+                    self.check_background(wait=True)
                     raise Preempted(f"stopped by a signal at step {self.step}; continue with --init_from=resume")
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 last = self.evaluate()
@@ -507,11 +512,8 @@ class Trainer:
             last = f"; the last good resume checkpoint is {saved[max(saved)]}" if saved else ""
             raise CheckpointError(f"{e}{last}") from None
 
-    def wait_for_writes(self) -> None:
-        self.check_background(wait=True)
-
     def finish(self) -> None:
-        self.wait_for_writes()
+        self.check_background(wait=True)
         self.rt.barrier()
         self.logger.close()
 

@@ -46,12 +46,21 @@ shutdown(rt)
 
 def averaging_config(out_dir: Path, data_dir: Path, **overrides):
     """EMA, SWA from step 20, online LAWA; snapshots every 5 steps, resume every 10."""
-    return tiny_config(out_dir, data_dir, swa=True, swa_start=0.5, lawa_online=True, lawa_k=3, lawa_nu=5,
-                       eval_interval=10, **overrides)
+    return tiny_config(
+        out_dir, data_dir, swa=True, swa_start=0.5, lawa_online=True, lawa_k=3, lawa_nu=5, eval_interval=10, **overrides
+    )
 
 
 def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(script),
+        *args,
+    ]
     return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -75,7 +84,9 @@ def runs(tmp_path_factory, data_dir) -> dict[str, Path]:
     for parallel in ("ddp", "fsdp"):
         sub = tmp / parallel
         sub.mkdir()
-        cfg = one.replace(out_dir=str(sub / "run"), parallel=parallel, averaging_device="cpu" if parallel == "fsdp" else "gpu")
+        cfg = one.replace(
+            out_dir=str(sub / "run"), parallel=parallel, averaging_device="cpu" if parallel == "fsdp" else "gpu"
+        )
         out[f"{parallel}_ranks"] = ranked(sub, cfg, 2)
         out[parallel] = Path(cfg.out_dir)
     return out
@@ -119,13 +130,22 @@ def test_sharded_snapshots_read_as_the_weights_and_feed_lawa(runs, parallel):
     folder = runs[parallel] / "snapshots" / "raw"
     snaps = list_checkpoints(folder)
     assert sorted(snaps) == list(range(0, 41, 5)) and all(p.is_dir() for p in snaps.values())
-    assert sorted(f.name for f in snaps[40].iterdir()) == ["shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
+    assert sorted(f.name for f in snaps[40].iterdir()) == [
+        "shard-00000-of-00002.safetensors",
+        "shard-00001-of-00002.safetensors",
+    ]
     whole = load_weights(snaps[40])
     final = resume_state(runs[parallel])["model"]
     assert whole.keys() == final.keys() and all(torch.equal(whole[k], final[k]) for k in final)
     lawa = evals(runs[parallel])[40]["lawa"]  # online, from the in-memory slots
-    proc = subprocess.run([sys.executable, "lawa.py", str(runs[parallel]), "--k=3", "--nu=5", "--interval=40", "--start=40"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "lawa.py", str(runs[parallel]), "--k=3", "--nu=5", "--interval=40", "--start=40"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (record,) = [json.loads(line) for line in (runs[parallel] / "lawa_k3_nu5.jsonl").read_text().splitlines()]
     assert record["step"] == 40 and record["lawa"] == pytest.approx(lawa, abs=1e-5)
@@ -203,21 +223,50 @@ def test_sigkill_during_an_async_save_then_resume_on_two_or_one(runs, tmp_path, 
     script = tmp_path / "dies.py"
     script.write_text(DIES_DURING_ASYNC_SAVE)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(config_file)],
-        env={**ENV, "KILL_AT": "30"}, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(config_file),
+        ],
+        env={**ENV, "KILL_AT": "30"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
     run_dir = Path(cfg.out_dir)
-    assert list(run_dir.glob("resume/.step_00000030.tmp")), "the interrupted save should have left its temporary directory"
+    assert list(run_dir.glob("resume/.step_00000030.tmp")), (
+        "the interrupted save should have left its temporary directory"
+    )
     assert list(list_checkpoints(run_dir / "resume")) == [10, 20]  # the newest complete checkpoint is step 20
     assert_every_checkpoint_loads(run_dir)
     args = [str(config_file), "--init_from=resume"]
     if resume_nproc == 2:
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "train_small.py", *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "train_small.py",
+                *args,
+            ],
+            env=ENV,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     else:
-        proc = subprocess.run([sys.executable, "train_small.py", *args], env=ENV, cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "train_small.py", *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(run_dir.glob("resume/.*.tmp*"))
     resumed = resume_state(run_dir)
@@ -225,8 +274,14 @@ def test_sigkill_during_an_async_save_then_resume_on_two_or_one(runs, tmp_path, 
     for k, v in reference["model"].items():
         assert torch.equal(resumed["model"][k], v) if exact else torch.allclose(resumed["model"][k], v, atol=1e-4), k
     for name in ("ema", "swa", "lawa"):
-        assert resumed["averagers"][name]["slot_steps" if name == "lawa" else "decay" if name == "ema" else "num_averaged"] == (
-            reference["averagers"][name]["slot_steps" if name == "lawa" else "decay" if name == "ema" else "num_averaged"])
+        assert (
+            resumed["averagers"][name]["slot_steps" if name == "lawa" else "decay" if name == "ema" else "num_averaged"]
+            == (
+                reference["averagers"][name][
+                    "slot_steps" if name == "lawa" else "decay" if name == "ema" else "num_averaged"
+                ]
+            )
+        )
         for k, v in reference["averagers"][name]["tensors"]["weights" if name != "lawa" else "slot0"].items():
             got = resumed["averagers"][name]["tensors"]["weights" if name != "lawa" else "slot0"][k]
             assert torch.equal(got, v) if exact else torch.allclose(got, v, atol=1e-4), (name, k)
@@ -247,8 +302,9 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path, data_dir):
 
 
 def test_the_batch_split_error_is_printed_once_with_choices_that_work(tmp_path, data_dir):
-    config_file = write_config_file(tmp_path / "cfg.py", tiny_config(tmp_path / "run", data_dir, tokens_per_step=2048,
-                                                                     micro_batch_size=16))
+    config_file = write_config_file(
+        tmp_path / "cfg.py", tiny_config(tmp_path / "run", data_dir, tokens_per_step=2048, micro_batch_size=16)
+    )
     proc = torchrun(ROOT / "train_small.py", str(config_file), nproc=3, timeout=120)
     message = (
         "error: tokens_per_step=2048 cannot be split over 3 processes of micro_batch_size=16 x block_size=32: "
@@ -330,8 +386,20 @@ def test_sigterm_under_torchrun_saves_and_exits_on_every_rank(tmp_path, data_dir
     cfg = averaging_config(tmp_path / "run", data_dir, max_steps=400, log_interval=2)
     config_file = write_config_file(tmp_path / "cfg.py", cfg)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_small.py",
-         str(config_file)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train_small.py",
+            str(config_file),
+        ],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     for line in proc.stdout:
         if line.startswith("step     12/"):
@@ -356,7 +424,9 @@ def test_background_averaging_is_checkpointed_consistently(tmp_path, data_dir, m
 
     for cls in (ewa.averaging.EMA, ewa.averaging.SWA, ewa.averaging.OnlineLAWA):
         slow = cls.update
-        monkeypatch.setattr(cls, "update", lambda self, share, step, slow=slow: (clock.sleep(0.05), slow(self, share, step))[1])
+        monkeypatch.setattr(
+            cls, "update", lambda self, share, step, slow=slow: (clock.sleep(0.05), slow(self, share, step))[1]
+        )
 
     class StopsAt30(Trainer):
         def train_step(self):
@@ -387,8 +457,13 @@ def test_a_fsdp_checkpoint_continues_under_ddp_in_one_process(runs, tmp_path, ca
     from ewa.train import Trainer
 
     saved = json.loads((runs["fsdp"] / "config.json").read_text())
-    cfg = config_from_dict(saved).replace(out_dir=str(tmp_path / "ddp"), init_from=str(runs["fsdp"]), branch_step=40,
-                                          parallel="ddp", averaging_device="gpu")
+    cfg = config_from_dict(saved).replace(
+        out_dir=str(tmp_path / "ddp"),
+        init_from=str(runs["fsdp"]),
+        branch_step=40,
+        parallel="ddp",
+        averaging_device="gpu",
+    )
     trainer = Trainer(cfg, init_runtime("cpu", "float32"))
     final = resume_state(runs["fsdp"])
     assert trainer.step == 40

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, resume_state, tiny_config, write_config_file
+from conftest import ROOT, resume_state, tiny_config
 from ewa.checkpoint import CheckpointError, list_checkpoints, load_weights
 from ewa.config import ConfigError
 from ewa.logger import read_metrics
