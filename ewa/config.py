@@ -65,6 +65,7 @@ class TrainConfig:
     # -- averaging ------------------------------------------------------------------------------
     ema: bool = True
     ema_decay: float = 0.9  # the paper's EMA decay, updated every step
+    ema_decays: str = ""  # more EMAs beside it, comma-separated decays ("0.99,0.999"), each named ema_<decay>
     lawa_k: int = 5  # LAWA: average the k latest checkpoints ...
     lawa_nu: int = 1000  # ... spaced nu steps apart ...
     lawa_interval: int = 1000  # ... at every interval steps (offline lawa.py) ...
@@ -120,6 +121,7 @@ class TrainConfig:
         )
         self._check(self.min_lr <= self.learning_rate, "min_lr must not exceed learning_rate")
         self._check(0 <= self.ema_decay < 1, f"ema_decay={self.ema_decay} must be in [0, 1)")
+        self.emas()  # checks ema_decays
         self._check(0 < self.swa_start < 1, f"swa_start={self.swa_start} is a fraction of max_steps in (0, 1)")
         self._check(self.cooldown_steps <= self.max_steps, "cooldown_steps must not exceed max_steps")
         self._check(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
@@ -162,6 +164,21 @@ class TrainConfig:
             f"micro_batch_size={self.micro_batch_size} x block_size={self.block_size}: use "
             + ", or ".join(options)
         )
+
+    def emas(self) -> dict[str, float]:
+        """The EMAs to keep, by name: ``ema`` (ema_decay; when ema=True) and ``ema_<decay>`` for
+        each of ema_decays."""
+        try:
+            extra = [float(d) for d in self.ema_decays.split(",") if d.strip()]
+        except ValueError:
+            raise ConfigError(f"ema_decays={self.ema_decays!r}: expected comma-separated numbers, e.g. 0.99,0.999") from None
+        for d in extra:
+            self._check(0 <= d < 1, f"ema_decays: {d} must be in [0, 1)")
+        emas = {"ema": self.ema_decay} if self.ema else {}
+        for d in extra:
+            self._check(d not in emas.values(), f"ema_decays: {d} is kept twice")
+            emas[f"ema_{d:g}"] = d
+        return emas
 
     def sequences_per_step(self) -> int:
         return self.tokens_per_step // self.block_size

@@ -124,8 +124,8 @@ class Trainer:
         cfg, shares, device, averagers = self.cfg, self.layout.shares, self.rt.device, {}
         pin = staging is not None and device.type == "cuda"
         where = torch.device("cpu") if staging is not None else device
-        if cfg.ema:
-            averagers["ema"] = EMA(shares, self.share, cfg.ema_decay, where, pin)
+        for name, decay in cfg.emas().items():
+            averagers[name] = EMA(shares, self.share, decay, where, pin)
         if cfg.swa:
             averagers["swa"] = SWA(shares, cfg.swa_start_step(), cfg.swa_every, where, pin)
         if cfg.lawa_online:
@@ -222,7 +222,8 @@ class Trainer:
                 restored.add(name)
             elif self.rt.master:  # e.g. saved under the other `parallel`, whose shares differ
                 print(f"note: the checkpoint has no {name} state of this layout; {name} starts at step {meta['step']}")
-        wanted = {k: t for k, t in tensors.items() if not k.startswith("averagers.") or k.split(".")[1] in restored}
+        dropped = tuple(f"averagers.{name}." for name in self.averaging.averagers.keys() - restored)
+        wanted = {k: t for k, t in tensors.items() if not k.startswith(dropped)}
         load_into(path, wanted)
         optimizer["param_groups"] = meta["param_groups"]
         set_optimizer_state_dict(self.model, self.optimizer, optimizer)
@@ -468,11 +469,8 @@ class Trainer:
         ending now or later still needs."""
         cfg = self.cfg
         needed_from = self.step - (cfg.lawa_k - 1) * cfg.lawa_nu
-        for kind in ("raw", "ema", "swa"):
-            folder = snapshot_dir(self.run_dir, kind)
-            if not folder.is_dir():
-                continue
-            snaps = list_checkpoints(folder)
+        for folder in (self.run_dir / "snapshots").iterdir():
+            kind, snaps = folder.name, list_checkpoints(folder)
             for step in sorted(snaps)[: -cfg.max_snapshots]:
                 if kind != "raw" or step < needed_from:
                     remove(snaps[step])

@@ -103,3 +103,33 @@ def test_wandb_logging_offline(tmp_path, data_dir, monkeypatch):
     run(cfg)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_several_emas_each_equal_a_reference_and_survive_resume(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path / "whole", data_dir, max_steps=20, ckpt_interval=1, ema_decays="0.5,0.99")
+    run(cfg)
+    raw = list_checkpoints(tmp_path / "whole" / "snapshots" / "raw")
+    for name, decay in {"ema": 0.9, "ema_0.5": 0.5, "ema_0.99": 0.99}.items():
+        ref = load_weights(raw[0])
+        for step in range(1, 21):
+            ref = {k: decay * v + (1 - decay) * w for (k, v), w in zip(ref.items(), load_weights(raw[step]).values())}
+        got = load_weights(list_checkpoints(tmp_path / "whole" / "snapshots" / name)[20])
+        assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-6, name
+    assert {"raw", "ema", "ema_0.5", "ema_0.99"} <= evals(tmp_path / "whole")[20].keys()
+    split = cfg.replace(out_dir=str(tmp_path / "split"), max_steps=10, lr_decay_steps=20)
+    run(split)
+    run(split.replace(max_steps=20, init_from="resume"))
+    run(cfg.replace(out_dir=str(tmp_path / "whole2"), lr_decay_steps=20))
+    a, b = final_state(tmp_path / "whole2"), final_state(tmp_path / "split")
+    for name in ("ema", "ema_0.5", "ema_0.99"):
+        for k, v in a["averagers"][name]["tensors"]["weights"].items():
+            assert torch.equal(v, b["averagers"][name]["tensors"]["weights"][k]), (name, k)
+
+
+def test_ema_decays_are_checked():
+    with pytest.raises(ConfigError, match=r"ema_decays='0.9,x': expected comma-separated numbers"):
+        tiny_config(Path("out"), Path("data"), ema_decays="0.9,x")
+    with pytest.raises(ConfigError, match=r"ema_decays: 0.9 is kept twice"):
+        tiny_config(Path("out"), Path("data"), ema_decays="0.9")
+    with pytest.raises(ConfigError, match=r"ema_decays: 1.0 must be in \[0, 1\)"):
+        tiny_config(Path("out"), Path("data"), ema_decays="1")
