@@ -26,7 +26,7 @@ import torch
 
 from ewa.checkpoint import Weights, check_compatible, load_weights
 from ewa.evaluate import Evaluator
-from ewa.lawa import RunningAverage, Window, check_checkpoints, plan_windows, stream_averages, streaming_order
+from ewa.merge import Merger, Window, plan_windows, stream_averages, streaming_order
 from model import GPT
 
 Tensors = dict[str, torch.Tensor]
@@ -99,20 +99,20 @@ def run_ablation(
 ) -> Ablation:
     """Raw loss once per step, then each (k, nu)'s windows in streaming order, so that one
     float64 sum slides through them (each checkpoint read about twice per (k, nu))."""
-    check_checkpoints({step: paths[step] for s in plan.windows for w in plan.complete(s) for step in w.members})
+    Merger(paths).check(step for s in plan.windows for w in plan.complete(s) for step in w.members)
     raw = {}
     for step in plan.steps:
         raw[step] = score(model, evaluator, load_weights(paths[step]))
         tick()
     result = Ablation(raw, {}, 0)
     for k, nu in plan.windows:
-        running = RunningAverage(paths, evaluator.runtime.device)
+        merger = Merger(paths, evaluator.runtime.device)
         curve = {}
-        for window, average, _ in stream_averages(streaming_order(plan.complete((k, nu)), nu), running, with_raw=False):
+        for window, average, _ in stream_averages(streaming_order(plan.complete((k, nu)), nu), merger, with_raw=False):
             curve[window.step] = score(model, evaluator, average)
             tick()
         result.lawa[k, nu] = dict(sorted(curve.items()))
-        result.files_read += running.stats.files_opened
+        result.files_read += merger.stats.files_opened
     return result
 
 

@@ -18,7 +18,7 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -343,3 +343,54 @@ def load_resume(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a resume checkpoint of this project")
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# the one writer of averages and exports
+
+SHARD_BYTES = 5 * 10**9  # transformers' default shard size
+
+
+def save_safetensors(
+    path: str | os.PathLike,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> None:
+    """Write ``tensors`` as safetensors in their own dtypes, each file atomically.
+
+    ``path`` ending in ``.safetensors``: that one file. Otherwise ``path`` is a folder (build it
+    inside ``atomic_dir``) that gets ``model.safetensors``, or, past ``shard_bytes``, shards
+    ``model-0000i-of-0000n.safetensors`` with the ``model.safetensors.index.json`` transformers
+    reads; one shard is held in memory at a time."""
+    path = Path(path)
+    metadata = {"format": "pt", **(metadata or {})}  # transformers refuses safetensors without a format
+
+    def write(file: Path, shard: dict[str, torch.Tensor]) -> None:
+        atomic_write(file, lambda tmp: save_file(shard, str(tmp), metadata=metadata))
+
+    if path.suffix == ".safetensors":
+        write(path, {name: t.detach().to("cpu").contiguous() for name, t in tensors})
+        return
+    shards: list[list[str]] = []  # tensor names of each written shard
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > shard_bytes:
+            write(path / f".part{len(shards)}", shard)
+            shards.append(list(shard))
+            shard, size = {}, 0
+        shard[name] = tensor.detach().to("cpu").contiguous()
+        size, total = size + nbytes, total + nbytes
+    if not shards:
+        write(path / "model.safetensors", shard)
+        return
+    write(path / f".part{len(shards)}", shard)
+    shards.append(list(shard))
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for i, file in enumerate(files):
+        os.replace(path / f".part{i}", path / file)
+    weight_map = {name: files[i] for i, names in enumerate(shards) for name in names}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")

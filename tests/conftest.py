@@ -15,6 +15,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from ewa.checkpoint import snapshot_name  # noqa: E402
 from ewa.config import TrainConfig  # noqa: E402
 from ewa.prepare import prepare_texts  # noqa: E402
 
@@ -72,7 +76,19 @@ def tiny_config(out_dir: Path, data_dir: Path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def random_checkpoints(folder: Path, steps, numel: int = 300, seed: int = 0) -> dict[int, Path]:
+    """Safetensors files named by step holding random tensors (no model shape recorded)."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for s in steps:
+        paths[s] = folder / snapshot_name(s)
+        save_file({"a": torch.randn(numel, generator=g), "b.weight": torch.randn(7, 3, generator=g) * 100}, str(paths[s]))
+    return paths
+
+
 def write_config_file(path: Path, cfg: TrainConfig) -> Path:
     """The config as a plain-Python config file, for the entry scripts."""
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.to_dict().items()))
     return path
+

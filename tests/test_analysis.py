@@ -25,7 +25,7 @@ from ewa.analysis import (
 )
 from ewa.analysis_cli import main
 from ewa.checkpoint import load_weights
-from ewa.lawa import reference_average
+from ewa.merge import reference_average
 from ewa.logger import read_metrics
 from ewa.runtime import init_runtime
 from ewa.train import run
