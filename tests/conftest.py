@@ -92,3 +92,26 @@ def write_config_file(path: Path, cfg: TrainConfig) -> Path:
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.to_dict().items()))
     return path
 
+
+STEPS = (1000, 2000, 3000, 4000, 5000, 6000)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus):
+    """A byte-level BPE of 320 tokens trained on the corpus (transformers' PreTrainedTokenizerFast)."""
+    from hf_models import train_tokenizer
+
+    return train_tokenizer(corpus["train"][:20000])
+
+
+@pytest.fixture(scope="session")
+def revisions(tmp_path_factory, tokenizer) -> Path:
+    """step1000/ ... step6000/: tiny GPT-NeoX revisions with different random weights; 1000 as
+    pytorch_model.bin, 2000 sharded, the others one safetensors file."""
+    from hf_models import save_revision, tiny_neox
+
+    root = tmp_path_factory.mktemp("tiny-neox")
+    layouts = {1000: "bin", 2000: "sharded"}
+    for step in STEPS:
+        save_revision(root / f"step{step}", tiny_neox(len(tokenizer), seed=step), tokenizer, layouts.get(step, "safetensors"))
+    return root
