@@ -6,6 +6,7 @@ directory or ``--out_dir``.
     python analyze.py lmc out/tiny --a=100 --b=600                    # appendix A.3, Figure 13
     python analyze.py diversity out/tiny out/tiny-lowlr               # section 2.2
     python analyze.py spikes out/tiny/lawa_k5_nu20.jsonl             # section 4.3
+    python analyze.py zeroshot out/tiny --tasks=TASK,... --include_path=DIR   # Table 2, raw/EMA/SWA/LAWA
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from ewa import hf
 from ewa.analysis import (
     Ablation,
     AnalysisError,
     DiversityRun,
     Series,
     Threshold,
+    averaged_snapshots,
     compare_spikes,
     default_anchors,
     default_distances,
@@ -37,14 +40,18 @@ from ewa.analysis import (
     run_ablation,
     run_diversity,
     snapshot_spacing,
+    steps_at_fractions,
+    zero_shot_models,
 )
 from ewa.analysis_plots import plot_ablation, plot_diversity, plot_lmc, plot_spikes
 from ewa.checkpoint import CheckpointError, atomic_write, atomic_write_text
 from ewa.config import ConfigError
-from ewa.data import DataError
+from ewa.data import DataError, read_meta
 from ewa.evaluate import Evaluator
+from ewa.hf import InputError
 from ewa.lawa_cli import Source, add_eval_options, build_evaluator, open_from_args
 from ewa.logger import read_metrics
+from ewa.merge import Merger, PlanError, TensorStream, Window, WindowPlan, score_models
 from ewa.runtime import Runtime, init_runtime
 from model import GPT
 
@@ -126,12 +133,13 @@ def fmt(value: float | None, spec: str = ".4f") -> str:
     return "—" if value is None else format(value, spec)
 
 
-def write_outputs(folder: Path, name: str, table: str, records: list[dict], figure: Figure) -> None:
-    """``name``.md, .jsonl and .png, each written atomically."""
-    atomic_write_text(folder / f"{name}.md", table + "\n")
+def write_outputs(folder: Path, name: str, table: str, records: list[dict], figure: Figure | None) -> None:
+    """``name``.md, .jsonl and (with a figure) .png, each written atomically."""
+    atomic_write_text(folder / f"{name}.md", table.rstrip("\n") + "\n")
     atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write(folder / f"{name}.png", lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    print(f"wrote {folder / name}.md, .jsonl and .png")
+    if figure is not None:
+        atomic_write(folder / f"{name}.png", lambda t: figure.savefig(t, format="png", dpi=110, bbox_inches="tight"))
+    print(f"wrote {folder / name}.md, .jsonl" + (" and .png" if figure is not None else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +370,54 @@ def cmd_spikes(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# zero-shot
+
+
+def zero_shot_windows(source: Source, args: argparse.Namespace) -> tuple[WindowPlan, list[Window]]:
+    """The LAWA windows at ``--steps`` (default: the complete ones nearest 25, 50, 75 and 100%
+    of the run), on the snapshots' grid."""
+    cfg = source.config
+    plan = WindowPlan(args.k or cfg.lawa_k, args.nu or cfg.lawa_nu, snapshot_spacing(source.paths), min(source.paths),
+                      steps=tuple(args.steps or ()))
+    windows = plan.windows(source.paths)
+    for w in windows:
+        if not w.complete and args.steps:
+            print(f"note: no LAWA at step {w.step}: no checkpoint at step(s) {list(w.missing)}", file=sys.stderr)
+    complete = [w for w in windows if w.complete]
+    if not complete:
+        raise AnalysisError(f"{source.folder}: no complete LAWA window with {plan.flags()}")
+    if args.steps:
+        return plan, complete
+    chosen = steps_at_fractions([w.step for w in complete], (0.25, 0.5, 0.75, 1))
+    return plan, [w for w in complete if w.step in chosen]
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> None:
+    manager = hf.task_manager(args.include_path, args.tasks)  # refuses unknown tasks before any work
+    source = open_evaluated(args.path, args)
+    plan, windows = zero_shot_windows(source, args)
+    snapshots = averaged_snapshots(source.run_dir)
+    runtime = init_runtime(source.config.device, source.config.dtype)
+    merger = Merger(source.paths, runtime.device)
+    merger.check(s for w in windows for s in w.members)
+    tokenizer = hf.tokenizer_for(read_meta(source.config.data_dir)["tokenizer"])
+    model = hf.gpt2_model(source.model_config, tokenizer, runtime.device)
+    print(f"zero-shot {args.tasks} at steps {[w.step for w in windows]}: raw, LAWA (k={plan.k}, nu={plan.nu})"
+          + "".join(f", {kind.upper()}" for kind in snapshots) + ", as GPT2LMHeadModel in memory")
+
+    def load(tensors: TensorStream, origin: str) -> None:
+        hf.load_gpt_into(model, tensors, source.model_config, origin)
+
+    evaluate = hf.zero_shot(model, tokenizer, args.tasks, manager, args.batch_size, args.limit)
+    models = zero_shot_models(merger, windows, snapshots)
+    name = str(source.run_dir or source.folder)
+    records = [{"model": name, **r} for r in score_models(models, load, evaluate, {"newest": "raw", "average": "lawa"})]
+    table = hf.zero_shot_table(records)
+    print(table)
+    write_outputs(out_dir(args, source), "zeroshot", table, records, None)
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -423,6 +479,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out_dir", help="where the table, records and plot go (default: the run directory)")
     s.set_defaults(func=cmd_spikes)
+
+    z = sub.add_parser("zeroshot", help="zero-shot lm-eval tasks of raw, EMA, SWA and LAWA models (Table 2)")
+    z.add_argument("path", help="a run directory (its EMA snapshots, SWA's of <run>-swa), or a folder of checkpoints")
+    z.add_argument("--tasks", type=lambda text: [t for t in text.split(",") if t], required=True,
+                   help="lm-eval task names, e.g. shakespeare_next_line,shakespeare_passages")
+    z.add_argument("--include_path", help="folder of task YAMLs of your own (e.g. data/shakespeare/tasks)")
+    z.add_argument("--steps", type=int_list(0), help="steps to score (default: nearest 25, 50, 75 and 100%% of the run)")
+    z.add_argument("--k", type=integer(1), help="LAWA checkpoints per window (default: the run's lawa_k)")
+    z.add_argument("--nu", type=integer(1), help="steps between them (default: the run's lawa_nu)")
+    z.add_argument("--limit", type=integer(1), help="examples per task (default: all)")
+    z.add_argument("--batch_size", type=integer(1), default=8, help="sequences per forward pass (default: 8)")
+    add_analysis_options(z)
+    z.set_defaults(func=cmd_zeroshot)
     return p
 
 
@@ -430,5 +499,5 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (AnalysisError, ConfigError, DataError, CheckpointError) as e:
+    except (AnalysisError, ConfigError, DataError, CheckpointError, InputError, PlanError) as e:
         sys.exit(f"error: {e}")
