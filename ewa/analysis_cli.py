@@ -7,6 +7,8 @@ directory or ``--out_dir``.
     python analyze.py diversity out/tiny out/tiny-lowlr               # section 2.2
     python analyze.py spikes out/tiny/lawa_k5_nu20.jsonl             # section 4.3
     python analyze.py zeroshot out/tiny --tasks=TASK,... --include_path=DIR   # Table 2, raw/EMA/SWA/LAWA
+
+With ``--wandb_log`` each logs its figures into the run's wandb run, on an axis of its own.
 """
 
 from __future__ import annotations
@@ -45,12 +47,12 @@ from ewa.analysis import (
 )
 from ewa.analysis_plots import plot_ablation, plot_diversity, plot_lmc, plot_spikes
 from ewa.checkpoint import CheckpointError, atomic_write, atomic_write_text
-from ewa.config import ConfigError
+from ewa.config import ConfigError, TrainConfig, config_from_dict
 from ewa.data import DataError, read_meta
 from ewa.evaluate import Evaluator
 from ewa.hf import InputError
 from ewa.lawa_cli import Source, add_eval_options, build_evaluator, open_from_args
-from ewa.logger import read_metrics
+from ewa.logger import log_section, open_wandb, read_metrics
 from ewa.merge import Merger, PlanError, TensorStream, Window, WindowPlan, score_models
 from ewa.runtime import Runtime, init_runtime
 from model import GPT
@@ -93,7 +95,12 @@ def float_list(text: str) -> list[float]:
 
 def add_analysis_options(p: argparse.ArgumentParser) -> None:
     add_eval_options(p)
+    add_output_options(p)
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out_dir", help="where the table, records and plot go (default: the run directory)")
+    p.add_argument("--wandb_log", action="store_true", help="also log the figures into the run's wandb run")
 
 
 def open_evaluated(path: str, args: argparse.Namespace) -> Source:
@@ -142,6 +149,19 @@ def write_outputs(folder: Path, name: str, table: str, records: list[dict], figu
     print(f"wrote {folder / name}.md, .jsonl" + (" and .png" if figure is not None else ""))
 
 
+def log_to_wandb(args: argparse.Namespace, run_dir: Path, section: str, rows: list[dict], x: str = "step") -> None:
+    """With --wandb_log: ``rows`` into the wandb run of ``run_dir`` (the training run when it is
+    one), under ``section/`` against its own axis ``section/<x>``."""
+    if not args.wandb_log:
+        return
+    saved = run_dir / "config.json"
+    cfg = config_from_dict(json.loads(saved.read_text())) if saved.exists() else TrainConfig()
+    run = open_wandb(cfg.wandb_project, "", cfg.wandb_mode, None, run_dir, resume=True)
+    log_section(run, section, rows, x)
+    run.finish()
+    print(f"logged {section}/ into the wandb run in {run_dir}")
+
+
 # ---------------------------------------------------------------------------------------------
 # ablation
 
@@ -175,6 +195,10 @@ def cmd_ablation(args: argparse.Namespace) -> None:
     write_outputs(
         out_dir(args, source), "ablation", table, records, plot_ablation(result.raw, result.lawa, args.k, nus)
     )
+    steps = sorted(result.raw.keys() | {t for c in result.lawa.values() for t in c})
+    rows = [{"step": t, "raw": result.raw.get(t), **{f"k{k}_nu{nu}": c.get(t) for (k, nu), c in result.lawa.items()}}
+            for t in steps]
+    log_to_wandb(args, source.run_dir or source.folder, "ablation", rows)
 
 
 def ablation_table(result: Ablation, settings: list[tuple[int, int]]) -> str:
@@ -244,6 +268,8 @@ def cmd_lmc(args: argparse.Namespace) -> None:
     records.append({"kind": "lmc_barrier", "height": height, "alpha": at, "a": str(path_a), "b": str(path_b)})
     figure = plot_lmc(curve, line, f"θa = {label_a}", f"θb = {label_b}", height, at)
     write_outputs(out_dir(args, source), f"lmc_{label_a}_{label_b}", table, records, figure)
+    rows = [{"alpha": al, "loss": v, "straight_line": line(al)} for al, v in curve.items()]
+    log_to_wandb(args, source.run_dir or source.folder, f"lmc_{label_a}_{label_b}", rows, x="alpha")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +325,11 @@ def cmd_diversity(args: argparse.Namespace) -> None:
     print("disagreement (%) between the checkpoints at steps t and t + distance:")
     print(table)
     write_outputs(out_dir(args, sources[0]), "diversity", table, records, plot_diversity(records, columns))
+    by_distance: dict[int, dict] = {}
+    for r in records:
+        row = by_distance.setdefault(r["distance"], {"distance": r["distance"]})
+        row[f"{r['run']} t={r['a']}"] = 100 * r["disagreement"]
+    log_to_wandb(args, sources[0].run_dir or sources[0].folder, "diversity", list(by_distance.values()), x="distance")
 
 
 def diversity_table(
@@ -367,6 +398,7 @@ def cmd_spikes(args: argparse.Namespace) -> None:
     )
     folder = Path(args.out_dir) if args.out_dir else path if path.is_dir() else path.parent
     write_outputs(folder, "spikes", table, rows, plot_spikes(raw, lawa, rows, args.window, lawa_name))
+    log_to_wandb(args, path if path.is_dir() else path.parent, "spikes", rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +447,11 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
     table = hf.zero_shot_table(records)
     print(table)
     write_outputs(out_dir(args, source), "zeroshot", table, records, None)
+    rows: dict[int, dict] = {}
+    for r in records:
+        metric = hf.primary_metric(r["metrics"])
+        rows.setdefault(r["step"], {"step": r["step"]})[f"{r['task']}/{r['kind']}_{metric}"] = r["metrics"][metric]
+    log_to_wandb(args, source.run_dir or source.folder, "zeroshot", list(rows.values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--threshold", default="2%", help="a spike exceeds the trend by more than this: 0.05 (loss) or 2%% (default)"
     )
-    s.add_argument("--out_dir", help="where the table, records and plot go (default: the run directory)")
+    add_output_options(s)
     s.set_defaults(func=cmd_spikes)
 
     z = sub.add_parser("zeroshot", help="zero-shot lm-eval tasks of raw, EMA, SWA and LAWA models (Table 2)")

@@ -24,8 +24,9 @@ from ewa.checkpoint import CheckpointError, Weights, list_checkpoints, model_con
 from ewa.config import ConfigError, TrainConfig, config_from_dict, read_config_file
 from ewa.data import DataError, eval_windows, fingerprint, open_tokens, read_meta
 from ewa.evaluate import Evaluator
-from ewa.logger import MetricsLogger, NullRun, open_wandb, read_metrics
+from ewa.logger import MetricsLogger, NullRun, log_section, open_wandb, read_metrics
 from ewa.merge import Evaluation, Merger, PlanError, TensorStream, Window, WindowPlan, score_models, streaming_order
+from ewa.report import load_run
 from ewa.runtime import Runtime, init_runtime, shutdown
 from model import GPT, GPTConfig
 
@@ -255,22 +256,33 @@ def report(
     args: argparse.Namespace, source: Source, plan: WindowPlan, results: list[dict], skipped: list[Window]
 ) -> None:
     default_dir = source.run_dir or source.folder
-    out = Path(args.out) if args.out else default_dir / f"lawa_k{plan.k}_nu{plan.nu}.jsonl"
+    name = f"lawa_k{plan.k}_nu{plan.nu}"
+    out = Path(args.out) if args.out else default_dir / f"{name}.jsonl"
     settings = {"k": plan.k, "nu": plan.nu, "interval": plan.interval, "start": plan.start}
-    cfg = source.config
-    run = (
-        open_wandb(cfg.wandb_project, args.wandb_run_name, cfg.wandb_mode, {**settings, "path": str(args.path)}, default_dir)
-        if args.wandb_log
-        else NullRun()
-    )
-    logger = MetricsLogger(out, run, echo=False, append=False)
+    run = NullRun()
+    if args.wandb_log:  # into the training run, on axes of its own
+        cfg = source.config
+        run = open_wandb(cfg.wandb_project, args.wandb_run_name, cfg.wandb_mode, None, default_dir, resume=True)
+    logger = MetricsLogger(out, run, echo=False, append=False, section=name)
     for r in results:
         logger.log({**r, **settings})
     for w in skipped:
         logger.log({"kind": "lawa_skipped", "step": w.step, "missing": list(w.missing), **settings})
+    if source.run_dir is not None and args.wandb_log:
+        log_section(run, "val_loss", val_loss_rows(source.run_dir))
     logger.close()
     print(format_table(results, skipped))
     print(f"wrote {out}" + (f" and averaged checkpoints to {args.save_dir}" if args.save_dir else ""))
+
+
+def val_loss_rows(run_dir: Path) -> list[dict]:
+    """Every val loss curve of a run on one axis, a row per step: raw, EMA, SWA (its ``-swa``
+    branch) and each LAWA (online, and every lawa.py result beside the run)."""
+    rename = {"Original": "raw", "EMA": "ema", "SWA": "swa"}
+    curves = {rename.get(n) or n.lower().replace("=", "").replace(" ", "_"): c
+              for n, c in load_run(run_dir).curves.items()}
+    steps = sorted({s for c in curves.values() for s in c})
+    return [{"step": s, **{n: c[s] for n, c in curves.items() if s in c}} for s in steps]
 
 
 def main(argv: list[str] | None = None) -> None:
