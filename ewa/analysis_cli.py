@@ -520,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     z = sub.add_parser("zeroshot", help="zero-shot lm-eval tasks of raw, EMA, SWA and LAWA models (Table 2)")
     z.add_argument("path", help="a run directory (its EMA snapshots, SWA's of <run>-swa), or a folder of checkpoints")
     z.add_argument("--tasks", type=lambda text: [t for t in text.split(",") if t], required=True,
-                   help="lm-eval task names, e.g. shakespeare_next_line,shakespeare_passages")
+                   help="lm-eval task names, e.g. shakespeare_word_order,shakespeare_passages")
     z.add_argument("--include_path", help="folder of task YAMLs of your own (e.g. data/shakespeare/tasks)")
     z.add_argument("--steps", type=int_list(0), help="steps to score (default: nearest 25, 50, 75 and 100%% of the run)")
     z.add_argument("--k", type=integer(1), help="LAWA checkpoints per window (default: the run's lawa_k)")

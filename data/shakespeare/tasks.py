@@ -2,13 +2,13 @@
 lm-evaluation-harness task YAMLs over local JSONL, so the CPU default's runs can be scored like
 the paper's Table 2 without a download:
 
-- ``shakespeare_next_line`` (multiple choice; acc, acc_norm): a speaker and a line of verse, and
-  four candidates for the next line: the true one and three lines from elsewhere in the text;
+- ``shakespeare_word_order`` (multiple choice; acc): a speaker and a line of verse, and four
+  candidates for the next line: the true one and three shufflings of its words;
 - ``shakespeare_passages`` (rolling log-likelihood, like wikitext): word and byte perplexity and
   bits per byte of held-out passages.
 
     python data/shakespeare/tasks.py          # writes data/shakespeare/tasks/
-    python analyze.py zeroshot out/paper/run --tasks=shakespeare_next_line,shakespeare_passages \\
+    python analyze.py zeroshot out/paper/run --tasks=shakespeare_word_order,shakespeare_passages \\
         --include_path=data/shakespeare/tasks
 """
 
@@ -23,24 +23,25 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MAX_CHARS = 120  # a question and its answers fit the CPU default's context of 128 bytes
-TASKS = ("shakespeare_next_line", "shakespeare_passages")
+TASKS = ("shakespeare_word_order", "shakespeare_passages")
 
 
-def next_line_questions(text: str, n: int, seed: int = 0) -> list[dict]:
-    """``n`` questions spread evenly over the text: the speaker and a line as context, the line
-    that follows and three lines drawn from elsewhere as choices, in a random order; context and
-    any choice together are shorter than ``MAX_CHARS``."""
+def word_order_questions(text: str, n: int, seed: int = 0) -> list[dict]:
+    """``n`` questions spread evenly over the text: a speaker and a line of verse as context, and
+    as choices the line that follows and three shufflings of its words, in a random order."""
     rng = random.Random(seed)
-    pairs, lines = [], []
+    pairs = []
     for speech in text.split("\n\n"):
         speaker, *verse = speech.strip().split("\n")
-        lines += verse
         pairs += [(f"{speaker}\n{a}\n", b) for a, b in itertools.pairwise(verse)
-                  if len(speaker) + len(a) + len(b) + 2 < MAX_CHARS]
+                  if len(set(b.split())) >= 5 and len(speaker) + len(a) + len(b) + 2 < MAX_CHARS]
     questions = []
     for context, answer in pairs[:: max(1, len(pairs) // n)][:n]:
-        others = rng.sample([line for line in lines if line != answer and len(context) + len(line) < MAX_CHARS], 3)
-        choices = [answer, *others]
+        choices, words = [answer], answer.split()
+        while len(choices) < 4:
+            rng.shuffle(words)
+            if " ".join(words) not in choices:
+                choices.append(" ".join(words))
         rng.shuffle(choices)
         questions.append({"context": context, "choices": choices, "answer": choices.index(answer)})
     return questions
@@ -63,15 +64,15 @@ def write_tasks(folder: Path, text: str, questions: int = 200, texts: int = 50) 
     wherever it runs); returns the task names."""
     folder.mkdir(parents=True, exist_ok=True)
     folder = folder.resolve()
-    next_line, passage = folder / "next_line.jsonl", folder / "passages.jsonl"
-    next_line.write_text("".join(json.dumps(q) + "\n" for q in next_line_questions(text, questions)))
+    word_order, passage = folder / "word_order.jsonl", folder / "passages.jsonl"
+    word_order.write_text("".join(json.dumps(q) + "\n" for q in word_order_questions(text, questions)))
     passage.write_text("".join(json.dumps({"text": p}) + "\n" for p in passages(text, texts)))
     common = "dataset_path: json\ntest_split: test\n"
-    (folder / "shakespeare_next_line.yaml").write_text(
-        f"task: shakespeare_next_line\n{common}dataset_kwargs:\n  data_files:\n    test: {next_line}\n"
+    (folder / "shakespeare_word_order.yaml").write_text(
+        f"task: shakespeare_word_order\n{common}dataset_kwargs:\n  data_files:\n    test: {word_order}\n"
         'output_type: multiple_choice\ndoc_to_text: "{{context}}"\ntarget_delimiter: ""\n'
         'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n    higher_is_better: true\n  - metric: acc_norm\n    higher_is_better: true\n"
+        "metric_list:\n  - metric: acc\n    higher_is_better: true\n"
     )
     (folder / "shakespeare_passages.yaml").write_text(
         f"task: shakespeare_passages\n{common}dataset_kwargs:\n  data_files:\n    test: {passage}\n"
