@@ -24,7 +24,7 @@ from ewa.checkpoint import CheckpointError, Weights, list_checkpoints, model_con
 from ewa.config import ConfigError, TrainConfig, config_from_dict, read_config_file
 from ewa.data import DataError, eval_windows, fingerprint, open_tokens, read_meta
 from ewa.evaluate import Evaluator
-from ewa.logger import MetricsLogger, NullRun, log_section, open_wandb, read_metrics
+from ewa.logger import MetricsLogger, log_section, open_wandb, read_metrics
 from ewa.merge import Evaluation, Merger, PlanError, TensorStream, Window, WindowPlan, score_models, streaming_order
 from ewa.report import load_run
 from ewa.runtime import Runtime, init_runtime, shutdown
@@ -179,8 +179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_eval_options(p)
     p.add_argument("--save_dir", help="also write each averaged checkpoint here (safetensors)")
     p.add_argument("--out", help="JSONL of the results (default: <run>/lawa_k<k>_nu<nu>.jsonl)")
-    p.add_argument("--wandb_log", action="store_true")
-    p.add_argument("--wandb_run_name", default="")
+    p.add_argument("--wandb_log", action="store_true", help="log into the run's wandb run (a new one for a folder)")
+    p.add_argument("--wandb_run_name", default="", help="name of a new wandb run (default: wandb's)")
     return p.parse_args(argv)
 
 
@@ -259,18 +259,19 @@ def report(
     name = f"lawa_k{plan.k}_nu{plan.nu}"
     out = Path(args.out) if args.out else default_dir / f"{name}.jsonl"
     settings = {"k": plan.k, "nu": plan.nu, "interval": plan.interval, "start": plan.start}
-    run = NullRun()
-    if args.wandb_log:  # into the training run, on axes of its own
-        cfg = source.config
-        run = open_wandb(cfg.wandb_project, args.wandb_run_name, cfg.wandb_mode, None, default_dir, resume=True)
-    logger = MetricsLogger(out, run, echo=False, append=False, section=name)
+    logger = MetricsLogger(out, echo=False, append=False)
     for r in results:
         logger.log({**r, **settings})
     for w in skipped:
         logger.log({"kind": "lawa_skipped", "step": w.step, "missing": list(w.missing), **settings})
-    if source.run_dir is not None and args.wandb_log:
-        log_section(run, "val_loss", val_loss_rows(source.run_dir))
     logger.close()
+    if args.wandb_log:  # into the training run, on axes of its own
+        cfg = source.config
+        run = open_wandb(cfg.wandb_project, args.wandb_run_name, cfg.wandb_mode, None, default_dir, resume=True)
+        log_section(run, name, [{"step": r["step"], "raw": r["raw"], "lawa": r["lawa"]} for r in results])
+        if source.run_dir is not None:
+            log_section(run, "val_loss", val_loss_rows(source.run_dir))
+        run.finish()
     print(format_table(results, skipped))
     print(f"wrote {out}" + (f" and averaged checkpoints to {args.save_dir}" if args.save_dir else ""))
 

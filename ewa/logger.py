@@ -82,23 +82,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 class MetricsLogger:
-    def __init__(
-        self,
-        path: str | os.PathLike | None,
-        run: Any = None,
-        echo: bool = True,
-        append: bool = True,
-        section: str | None = None,
-    ):
-        """``section``: log to wandb under ``section/`` against its own step axis
-        (``section/step``) instead of wandb's step counter; for tools logging into a run after
-        its training. Without it, a record of kind K logs ``K/<metric>`` at wandb step = its step."""
+    def __init__(self, path: str | os.PathLike | None, run: Any = None, echo: bool = True, append: bool = True):
         self.path = Path(path) if path else None
         self.run = run or NullRun()
         self.echo = echo
-        self.section = section
-        if section:
-            define_axis(self.run, section)
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a" if append else "w") if self.path else None
@@ -120,11 +107,7 @@ class MetricsLogger:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
         metrics = {k: v for k, v in record.items() if k not in ("step", "kind") and isinstance(v, (int, float))}
-        if self.section:
-            if metrics:
-                self.run.log({f"{self.section}/{k}": v for k, v in {"step": record["step"], **metrics}.items()})
-        else:
-            self.run.log({f"{record.get('kind', 'train')}/{k}": v for k, v in metrics.items()}, step=record.get("step"))
+        self.run.log({f"{record.get('kind', 'train')}/{k}": v for k, v in metrics.items()}, step=record.get("step"))
         if self.echo and line:
             print(line, flush=True)
 
