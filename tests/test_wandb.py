@@ -92,7 +92,7 @@ def test_lawa_and_analyze_log_into_the_training_run_on_axes_of_their_own(tmp_pat
 
 def test_a_killed_run_resumes_into_the_same_offline_wandb_run(tmp_path, data_dir, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg = tiny_config(tmp_path / "run", data_dir, wandb_log=True, max_steps=300, lr_decay_steps=300, eval_interval=100)
+    cfg = tiny_config(tmp_path / "run", data_dir, wandb_log=True, max_steps=100, lr_decay_steps=100, eval_interval=50)
     # no WANDB_* from this process: WANDB_SERVICE would attach the child to this process's wandb service
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "train_small.py", str(write_config_file(tmp_path / "cfg.py", cfg))],
@@ -103,7 +103,7 @@ def test_a_killed_run_resumes_into_the_same_offline_wandb_run(tmp_path, data_dir
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     train(cfg.replace(init_from="resume"))
-    run_lawa(parse_args([str(tmp_path / "run"), "--interval=100", "--wandb_log"]))
+    run_lawa(parse_args([str(tmp_path / "run"), "--interval=50", "--wandb_log"]))
     run_id = (tmp_path / "run" / WANDB_ID_FILE).read_text().strip()
     offline = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline) == 3 and all(d.name.endswith(f"-{run_id}") for d in offline)  # killed, resumed, lawa.py
