@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ROOT, tiny_config, write_config_file
 from ewa.analysis_cli import main as analyze
+from ewa.checkpoint import list_checkpoints
 from ewa.lawa_cli import parse_args
 from ewa.lawa_cli import run as run_lawa
 from ewa.logger import WANDB_ID_FILE
@@ -97,9 +98,9 @@ def test_a_killed_run_resumes_into_the_same_offline_wandb_run(tmp_path, data_dir
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "train_small.py", str(write_config_file(tmp_path / "cfg.py", cfg))],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / "resume" / "step_00000010.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    resume, deadline = tmp_path / "run" / "resume", time.time() + 120
+    while not (resume.is_dir() and list_checkpoints(resume)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # until the first resume checkpoint is complete
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     train(cfg.replace(init_from="resume"))
