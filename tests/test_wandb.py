@@ -3,6 +3,7 @@ analyze.py logging into it on step axes of their own. A fake ``wandb`` module re
 arguments of ``wandb.init``, ``define_metric`` and ``log``; one test runs wandb itself, offline."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,5 +108,6 @@ def test_a_killed_run_resumes_into_the_same_offline_wandb_run(tmp_path, data_dir
     run_lawa(parse_args([str(tmp_path / "run"), "--interval=50", "--wandb_log"]))
     run_id = (tmp_path / "run" / WANDB_ID_FILE).read_text().strip()
     offline = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(offline) == 3 and all(d.name.endswith(f"-{run_id}") for d in offline)  # killed, resumed, lawa.py
+    # killed, resumed, lawa.py; wandb adds "-1" to a directory started in the same second as another
+    assert len(offline) == 3 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", d.name) for d in offline)
     assert all(list(d.glob(f"run-{run_id}.wandb")) for d in offline)
