@@ -9,7 +9,7 @@ runs in a fresh process, so that its peak RSS is its own:
          the lazily mapped file is really read): the physical limit, the baseline;
 - read:  read every snapshot once into a buffer (``Path.read_bytes``), for reference;
 - naive: for each window, load its k snapshots, sum in float64, divide;
-- ours:  ``RunningAverage`` + ``stream_averages(with_raw=False)`` in ``streaming_order``.
+- ours:  ``Merger`` + ``stream_averages(with_raw=False)`` in ``streaming_order``.
 
 Bytes read are the sizes of the files opened. By default every snapshot is read once before
 any timing, so all variants see a warm page cache and the figures compare the methods, not the
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import MiB, current_rss, median, parse, parser, peak_rss, report, target  # noqa: E402
 from ewa.checkpoint import list_checkpoints, save_snapshot, snapshot_name  # noqa: E402
-from ewa.lawa import RunningAverage, Window, plan_windows, stream_averages, streaming_order  # noqa: E402
+from ewa.merge import Merger, Window, plan_windows, stream_averages, streaming_order  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 Tensors = dict[str, torch.Tensor]
@@ -104,7 +104,7 @@ def run_naive(paths: Paths, windows: list[Window], device: torch.device) -> tupl
 
 
 def run_ours(paths: Paths, windows: list[Window], device: torch.device) -> tuple[int, float]:
-    running, total = RunningAverage(paths, device), 0.0
+    running, total = Merger(paths, device), 0.0
     for _, avg, _ in stream_averages(windows, running, with_raw=False):
         total += checksum(avg)
     return running.stats.bytes_read, total

@@ -8,9 +8,12 @@
 - diversity (section 2.2): how often two checkpoints' top-1 next-token predictions differ on
   the same held-out positions;
 - loss spikes (section 4.3): steps where the raw val loss jumps above its own recent trend,
-  and whether the LAWA curve jumps there too.
+  and whether the LAWA curve jumps there too;
+- zero-shot (Table 2, for our own runs): the raw, EMA, SWA and LAWA models at a few steps, as
+  ``GPT2LMHeadModel`` in memory, through lm-evaluation-harness (``ewa.hf``).
 
-Every model is scored by an ``Evaluator`` over the same fixed held-out windows.
+Every model but the zero-shot ones is scored by an ``Evaluator`` over the same fixed held-out
+windows.
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ewa.checkpoint import Weights, check_compatible, load_weights
+from ewa.checkpoint import Weights, check_compatible, list_checkpoints, load_weights
 from ewa.evaluate import Evaluator
-from ewa.lawa import RunningAverage, Window, check_checkpoints, plan_windows, stream_averages, streaming_order
+from ewa.merge import Merger, Model, Window, plan_windows, stream_averages, streaming_order
 from model import GPT
 
 Tensors = dict[str, torch.Tensor]
@@ -99,20 +102,20 @@ def run_ablation(
 ) -> Ablation:
     """Raw loss once per step, then each (k, nu)'s windows in streaming order, so that one
     float64 sum slides through them (each checkpoint read about twice per (k, nu))."""
-    check_checkpoints({step: paths[step] for s in plan.windows for w in plan.complete(s) for step in w.members})
+    Merger(paths).check(step for s in plan.windows for w in plan.complete(s) for step in w.members)
     raw = {}
     for step in plan.steps:
         raw[step] = score(model, evaluator, load_weights(paths[step]))
         tick()
     result = Ablation(raw, {}, 0)
     for k, nu in plan.windows:
-        running = RunningAverage(paths, evaluator.runtime.device)
+        merger = Merger(paths, evaluator.runtime.device)
         curve = {}
-        for window, average, _ in stream_averages(streaming_order(plan.complete((k, nu)), nu), running, with_raw=False):
+        for window, average, _ in stream_averages(streaming_order(plan.complete((k, nu)), nu), merger, with_raw=False):
             curve[window.step] = score(model, evaluator, average)
             tick()
         result.lawa[k, nu] = dict(sorted(curve.items()))
-        result.files_read += running.stats.files_opened
+        result.files_read += merger.stats.files_opened
     return result
 
 
@@ -182,10 +185,15 @@ def plan_pairs(available: Iterable[int], anchors: list[int], distances: list[int
     return [(t, t + d) for t in anchors for d in distances if t in have and t + d in have]
 
 
+def steps_at_fractions(steps: list[int], fractions: Iterable[float]) -> list[int]:
+    """The steps nearest each fraction of the last one."""
+    last = max(steps)
+    return sorted({min(steps, key=lambda s: abs(s - last * f)) for f in fractions})
+
+
 def default_anchors(steps: list[int]) -> list[int]:
     """The saved steps nearest a quarter and a half of the run."""
-    last = max(steps)
-    return sorted({min(steps, key=lambda s: abs(s - last * f)) for f in (0.25, 0.5)})
+    return steps_at_fractions(steps, (0.25, 0.5))
 
 
 def default_distances(steps: list[int], anchors: list[int]) -> list[int]:
@@ -297,3 +305,33 @@ def compare_spikes(raw: Series, lawa: Series, window: int, threshold: Threshold)
             }
         )
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# zero-shot
+
+
+def averaged_snapshots(run_dir: Path | None) -> dict[str, dict[int, Path]]:
+    """The EMA and SWA snapshots of a run by step: its own, and SWA's from its ``-swa`` branch
+    (where train_swa.py writes)."""
+    if run_dir is None:
+        return {}
+    folders = {"ema": [run_dir / "snapshots" / "ema"],
+               "swa": [run_dir / "snapshots" / "swa", run_dir.with_name(run_dir.name + "-swa") / "snapshots" / "swa"]}
+    found: dict[str, dict[int, Path]] = {}
+    for kind, candidates in folders.items():
+        for folder in candidates:
+            if folder.is_dir():
+                found[kind] = {**list_checkpoints(folder), **found.get(kind, {})}
+    return found
+
+
+def zero_shot_models(merger: Merger, windows: list[Window], snapshots: dict[str, dict[int, Path]]) -> Iterator[Model]:
+    """Per window: the raw model at its step and the LAWA average (the engine's), then the EMA and
+    SWA snapshots of that step where the run has them."""
+    for window, role, tensors in merger.models(windows):
+        yield window, role, tensors
+        if role == "average":
+            for kind, paths in snapshots.items():
+                if window.step in paths:
+                    yield Window(window.step, (window.step,)), kind, Weights(paths[window.step]).items()

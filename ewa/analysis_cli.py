@@ -6,6 +6,9 @@ directory or ``--out_dir``.
     python analyze.py lmc out/tiny --a=100 --b=600                    # appendix A.3, Figure 13
     python analyze.py diversity out/tiny out/tiny-lowlr               # section 2.2
     python analyze.py spikes out/tiny/lawa_k5_nu20.jsonl             # section 4.3
+    python analyze.py zeroshot out/tiny --tasks=TASK,... --include_path=DIR   # Table 2, raw/EMA/SWA/LAWA
+
+With ``--wandb_log`` each logs its figures into the run's wandb run, on an axis of its own.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from ewa import hf
 from ewa.analysis import (
     Ablation,
     AnalysisError,
     DiversityRun,
     Series,
     Threshold,
+    averaged_snapshots,
     compare_spikes,
     default_anchors,
     default_distances,
@@ -37,14 +42,18 @@ from ewa.analysis import (
     run_ablation,
     run_diversity,
     snapshot_spacing,
+    steps_at_fractions,
+    zero_shot_models,
 )
 from ewa.analysis_plots import plot_ablation, plot_diversity, plot_lmc, plot_spikes
 from ewa.checkpoint import CheckpointError, atomic_write, atomic_write_text
-from ewa.config import ConfigError
-from ewa.data import DataError
+from ewa.config import ConfigError, TrainConfig, config_from_dict
+from ewa.data import DataError, read_meta
 from ewa.evaluate import Evaluator
+from ewa.hf import InputError
 from ewa.lawa_cli import Source, add_eval_options, build_evaluator, open_from_args
-from ewa.logger import read_metrics
+from ewa.logger import log_section, open_wandb, read_metrics
+from ewa.merge import Merger, PlanError, TensorStream, Window, WindowPlan, score_models
 from ewa.runtime import Runtime, init_runtime
 from model import GPT
 
@@ -86,7 +95,12 @@ def float_list(text: str) -> list[float]:
 
 def add_analysis_options(p: argparse.ArgumentParser) -> None:
     add_eval_options(p)
+    add_output_options(p)
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out_dir", help="where the table, records and plot go (default: the run directory)")
+    p.add_argument("--wandb_log", action="store_true", help="also log the figures into the run's wandb run")
 
 
 def open_evaluated(path: str, args: argparse.Namespace) -> Source:
@@ -126,12 +140,26 @@ def fmt(value: float | None, spec: str = ".4f") -> str:
     return "—" if value is None else format(value, spec)
 
 
-def write_outputs(folder: Path, name: str, table: str, records: list[dict], figure: Figure) -> None:
-    """``name``.md, .jsonl and .png, each written atomically."""
-    atomic_write_text(folder / f"{name}.md", table + "\n")
+def write_outputs(folder: Path, name: str, table: str, records: list[dict], figure: Figure | None) -> None:
+    """``name``.md, .jsonl and (with a figure) .png, each written atomically."""
+    atomic_write_text(folder / f"{name}.md", table.rstrip("\n") + "\n")
     atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write(folder / f"{name}.png", lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    print(f"wrote {folder / name}.md, .jsonl and .png")
+    if figure is not None:
+        atomic_write(folder / f"{name}.png", lambda t: figure.savefig(t, format="png", dpi=110, bbox_inches="tight"))
+    print(f"wrote {folder / name}.md, .jsonl" + (" and .png" if figure is not None else ""))
+
+
+def log_to_wandb(args: argparse.Namespace, run_dir: Path, section: str, rows: list[dict], x: str = "step") -> None:
+    """With --wandb_log: ``rows`` into the wandb run of ``run_dir`` (the training run when it is
+    one), under ``section/`` against its own axis ``section/<x>``."""
+    if not args.wandb_log:
+        return
+    saved = run_dir / "config.json"
+    cfg = config_from_dict(json.loads(saved.read_text())) if saved.exists() else TrainConfig()
+    run = open_wandb(cfg.wandb_project, "", cfg.wandb_mode, None, run_dir, resume=True)
+    log_section(run, section, rows, x)
+    run.finish()
+    print(f"logged {section}/ into the wandb run in {run_dir}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +195,10 @@ def cmd_ablation(args: argparse.Namespace) -> None:
     write_outputs(
         out_dir(args, source), "ablation", table, records, plot_ablation(result.raw, result.lawa, args.k, nus)
     )
+    steps = sorted(result.raw.keys() | {t for c in result.lawa.values() for t in c})
+    rows = [{"step": t, "raw": result.raw.get(t), **{f"k{k}_nu{nu}": c.get(t) for (k, nu), c in result.lawa.items()}}
+            for t in steps]
+    log_to_wandb(args, source.run_dir or source.folder, "ablation", rows)
 
 
 def ablation_table(result: Ablation, settings: list[tuple[int, int]]) -> str:
@@ -236,6 +268,8 @@ def cmd_lmc(args: argparse.Namespace) -> None:
     records.append({"kind": "lmc_barrier", "height": height, "alpha": at, "a": str(path_a), "b": str(path_b)})
     figure = plot_lmc(curve, line, f"θa = {label_a}", f"θb = {label_b}", height, at)
     write_outputs(out_dir(args, source), f"lmc_{label_a}_{label_b}", table, records, figure)
+    rows = [{"alpha": al, "loss": v, "straight_line": line(al)} for al, v in curve.items()]
+    log_to_wandb(args, source.run_dir or source.folder, f"lmc_{label_a}_{label_b}", rows, x="alpha")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +325,11 @@ def cmd_diversity(args: argparse.Namespace) -> None:
     print("disagreement (%) between the checkpoints at steps t and t + distance:")
     print(table)
     write_outputs(out_dir(args, sources[0]), "diversity", table, records, plot_diversity(records, columns))
+    by_distance: dict[int, dict] = {}
+    for r in records:
+        row = by_distance.setdefault(r["distance"], {"distance": r["distance"]})
+        row[f"{r['run']} t={r['a']}"] = 100 * r["disagreement"]
+    log_to_wandb(args, sources[0].run_dir or sources[0].folder, "diversity", list(by_distance.values()), x="distance")
 
 
 def diversity_table(
@@ -359,6 +398,60 @@ def cmd_spikes(args: argparse.Namespace) -> None:
     )
     folder = Path(args.out_dir) if args.out_dir else path if path.is_dir() else path.parent
     write_outputs(folder, "spikes", table, rows, plot_spikes(raw, lawa, rows, args.window, lawa_name))
+    log_to_wandb(args, path if path.is_dir() else path.parent, "spikes", rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# zero-shot
+
+
+def zero_shot_windows(source: Source, args: argparse.Namespace) -> tuple[WindowPlan, list[Window]]:
+    """The LAWA windows at ``--steps`` (default: the complete ones nearest 25, 50, 75 and 100%
+    of the run), on the snapshots' grid."""
+    cfg = source.config
+    plan = WindowPlan(args.k or cfg.lawa_k, args.nu or cfg.lawa_nu, snapshot_spacing(source.paths), min(source.paths),
+                      steps=tuple(args.steps or ()))
+    windows = plan.windows(source.paths)
+    for w in windows:
+        if not w.complete and args.steps:
+            print(f"note: no LAWA at step {w.step}: no checkpoint at step(s) {list(w.missing)}", file=sys.stderr)
+    complete = [w for w in windows if w.complete]
+    if not complete:
+        raise AnalysisError(f"{source.folder}: no complete LAWA window with {plan.flags()}")
+    if args.steps:
+        return plan, complete
+    chosen = steps_at_fractions([w.step for w in complete], (0.25, 0.5, 0.75, 1))
+    return plan, [w for w in complete if w.step in chosen]
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> None:
+    manager = hf.task_manager(args.include_path, args.tasks)  # refuses unknown tasks before any work
+    source = open_evaluated(args.path, args)
+    plan, windows = zero_shot_windows(source, args)
+    snapshots = averaged_snapshots(source.run_dir)
+    runtime = init_runtime(source.config.device, source.config.dtype)
+    merger = Merger(source.paths, runtime.device)
+    merger.check(s for w in windows for s in w.members)
+    tokenizer = hf.tokenizer_for(read_meta(source.config.data_dir)["tokenizer"])
+    model = hf.gpt2_model(source.model_config, tokenizer, runtime.device)
+    print(f"zero-shot {args.tasks} at steps {[w.step for w in windows]}: raw, LAWA (k={plan.k}, nu={plan.nu})"
+          + "".join(f", {kind.upper()}" for kind in snapshots) + ", as GPT2LMHeadModel in memory")
+
+    def load(tensors: TensorStream, origin: str) -> None:
+        hf.load_gpt_into(model, tensors, source.model_config, origin)
+
+    evaluate = hf.zero_shot(model, tokenizer, args.tasks, manager, args.batch_size, args.limit)
+    models = zero_shot_models(merger, windows, snapshots)
+    name = str(source.run_dir or source.folder)
+    records = [{"model": name, **r} for r in score_models(models, load, evaluate, {"newest": "raw", "average": "lawa"})]
+    table = hf.zero_shot_table(records)
+    print(table)
+    write_outputs(out_dir(args, source), "zeroshot", table, records, None)
+    rows: dict[int, dict] = {}
+    for r in records:
+        metric = hf.primary_metric(r["metrics"])
+        rows.setdefault(r["step"], {"step": r["step"]})[f"{r['task']}/{r['kind']}_{metric}"] = r["metrics"][metric]
+    log_to_wandb(args, source.run_dir or source.folder, "zeroshot", list(rows.values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,8 +514,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--threshold", default="2%", help="a spike exceeds the trend by more than this: 0.05 (loss) or 2%% (default)"
     )
-    s.add_argument("--out_dir", help="where the table, records and plot go (default: the run directory)")
+    add_output_options(s)
     s.set_defaults(func=cmd_spikes)
+
+    z = sub.add_parser("zeroshot", help="zero-shot lm-eval tasks of raw, EMA, SWA and LAWA models (Table 2)")
+    z.add_argument("path", help="a run directory (its EMA snapshots, SWA's of <run>-swa), or a folder of checkpoints")
+    z.add_argument("--tasks", type=lambda text: [t for t in text.split(",") if t], required=True,
+                   help="lm-eval task names, e.g. shakespeare_word_order,shakespeare_passages")
+    z.add_argument("--include_path", help="folder of task YAMLs of your own (e.g. data/shakespeare/tasks)")
+    z.add_argument("--steps", type=int_list(0), help="steps to score (default: nearest 25, 50, 75 and 100%% of the run)")
+    z.add_argument("--k", type=integer(1), help="LAWA checkpoints per window (default: the run's lawa_k)")
+    z.add_argument("--nu", type=integer(1), help="steps between them (default: the run's lawa_nu)")
+    z.add_argument("--limit", type=integer(1), help="examples per task (default: all)")
+    z.add_argument("--batch_size", type=integer(1), default=8, help="sequences per forward pass (default: 8)")
+    add_analysis_options(z)
+    z.set_defaults(func=cmd_zeroshot)
     return p
 
 
@@ -430,5 +536,5 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (AnalysisError, ConfigError, DataError, CheckpointError) as e:
+    except (AnalysisError, ConfigError, DataError, CheckpointError, InputError, PlanError) as e:
         sys.exit(f"error: {e}")

@@ -22,7 +22,7 @@ import pickle
 import re
 import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -405,14 +405,16 @@ def save_snapshot_shard(
     """Atomically write one rank's pieces of a sharded snapshot: (parameter name, offset in
     its flattened elements, its shape, the flat fp32 piece) each. Returns the bytes written."""
     path = Path(folder) / shard_name(rank, world)
-    tensors = {name: t.detach().to("cpu", torch.float32).reshape(-1) for name, _, _, t in pieces}
     where = {name: [offset, list(shape)] for name, offset, shape, _ in pieces}
-    meta = metadata | {"pieces": json.dumps(where)}
-    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, meta))
+    tensors = ((name, t.to(torch.float32).reshape(-1)) for name, _, _, t in pieces)
+    save_safetensors(path, tensors, metadata | {"pieces": json.dumps(where)})
     return path.stat().st_size
 
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16"}
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -435,6 +437,56 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
 def save_snapshot(path: str | os.PathLike, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
     """Atomically write fp32 weights as safetensors; returns the file size in bytes."""
-    tensors = {k: v.detach().to("cpu", torch.float32) for k, v in weights.items()}
-    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
+    save_safetensors(path, ((k, v.to(torch.float32)) for k, v in weights.items()), metadata)
     return Path(path).stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------
+# the one writer of averages and exports
+
+SHARD_BYTES = 5 * 10**9  # transformers' default shard size
+
+
+def save_safetensors(
+    path: str | os.PathLike,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> None:
+    """Write ``tensors`` as safetensors in their own dtypes, each file atomically.
+
+    ``path`` ending in ``.safetensors``: that one file. Otherwise ``path`` is a folder (build it
+    inside ``atomic_dir``) that gets ``model.safetensors``, or, past ``shard_bytes``, shards
+    ``model-0000i-of-0000n.safetensors`` with the ``model.safetensors.index.json`` transformers
+    reads; one shard is held in memory at a time."""
+    path = Path(path)
+    metadata = {"format": "pt", **(metadata or {})}  # transformers refuses safetensors without a format
+
+    def write(file: Path, shard: dict[str, torch.Tensor]) -> None:
+        atomic_write(file, lambda tmp: write_safetensors(tmp, shard, metadata))
+
+    if path.suffix == ".safetensors":
+        write(path, {name: t.detach().to("cpu").contiguous() for name, t in tensors})
+        return
+    shards: list[list[str]] = []  # tensor names of each written shard
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > shard_bytes:
+            write(path / f".part{len(shards)}", shard)
+            shards.append(list(shard))
+            shard, size = {}, 0
+        shard[name] = tensor.detach().to("cpu").contiguous()
+        size, total = size + nbytes, total + nbytes
+    if not shards:
+        write(path / "model.safetensors", shard)
+        return
+    write(path / f".part{len(shards)}", shard)
+    shards.append(list(shard))
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for i, file in enumerate(files):
+        os.replace(path / f".part{i}", path / file)
+    weight_map = {name: files[i] for i, names in enumerate(shards) for name in names}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")

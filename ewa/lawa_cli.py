@@ -13,20 +13,24 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ewa.checkpoint import CheckpointError, Weights, list_checkpoints, model_config_of, save_snapshot, snapshot_name
+from ewa.checkpoint import CheckpointError, Weights, list_checkpoints, model_config_of, save_safetensors, snapshot_name
 from ewa.config import ConfigError, TrainConfig, config_from_dict, read_config_file
 from ewa.data import DataError, eval_windows, fingerprint, open_tokens, read_meta
 from ewa.evaluate import Evaluator
-from ewa.lawa import RunningAverage, Window, check_checkpoints, plan_windows, stream_averages, streaming_order
-from ewa.logger import MetricsLogger, NullRun, open_wandb, read_metrics
+from ewa.logger import MetricsLogger, log_section, open_wandb, read_metrics
+from ewa.merge import Evaluation, Merger, PlanError, TensorStream, Window, WindowPlan, score_models, streaming_order
+from ewa.report import load_run
 from ewa.runtime import Runtime, init_runtime, shutdown
 from model import GPT, GPTConfig
+
+KINDS = {"newest": "raw", "average": "lawa"}
 
 
 @dataclass
@@ -84,6 +88,34 @@ def build_evaluator(source: Source, runtime: Runtime) -> tuple[GPT, Evaluator, s
     return model, Evaluator(windows, cfg.eval_batch_size, local), fingerprint(windows)
 
 
+def token_loss(model: GPT, evaluator: Evaluator) -> Evaluation:
+    """The token-bin evaluation: val loss on the run's fixed held-out windows."""
+    return lambda: [{"loss": evaluator.loss(model)}]
+
+
+def gpt_loader(model: GPT) -> Callable[[TensorStream, str], None]:
+    """``load(tensors, origin)`` for ``score_models``: weights into our GPT."""
+    return lambda tensors, origin: model.load_weights(dict(tensors))
+
+
+def saver(save_dir: str, source: Source) -> Callable[[Window, TensorStream], Path]:
+    """``save(window, average)`` for ``Merger.models``: ``save_dir/step_<t>.safetensors``, which
+    ``--init_from`` and ``GPT.from_pretrained`` load."""
+
+    def save(window: Window, average: TensorStream) -> Path:
+        path = Path(save_dir) / snapshot_name(window.step)
+        meta = {
+            "step": str(window.step),
+            "kind": "lawa",
+            "members": json.dumps(list(window.members)),
+            "model_config": json.dumps(dataclasses.asdict(source.model_config)),
+        }
+        save_safetensors(path, average, meta)
+        return path
+
+    return save
+
+
 def evaluate_lawa(
     windows: list[Window],
     source: Source,
@@ -91,26 +123,16 @@ def evaluate_lawa(
     evaluator: Evaluator,
     save_dir: str | None = None,
     progress: bool = True,
-) -> tuple[list[dict], RunningAverage]:
-    """Raw and LAWA val loss of each (complete) window, streaming; optionally saving each average."""
-    running = RunningAverage(source.paths, evaluator.runtime.device)
-    bar = (lambda it: tqdm(it, total=len(windows), desc="LAWA windows", unit="win")) if progress else iter
-    results = []
-    for window, average, raw in stream_averages(windows, running, progress=bar):
-        model.load_weights(raw)
-        raw_loss = evaluator.loss(model)
-        model.load_weights(average)
-        lawa_loss = evaluator.loss(model)
-        results.append({"kind": "lawa", "step": window.step, "raw": raw_loss, "lawa": lawa_loss, "members": list(window.members)})
-        if save_dir:
-            meta = {
-                "step": str(window.step),
-                "kind": "lawa",
-                "members": json.dumps(list(window.members)),
-                "model_config": json.dumps(dataclasses.asdict(source.model_config)),
-            }
-            save_snapshot(Path(save_dir) / snapshot_name(window.step), average, meta)
-    return results, running
+) -> tuple[list[dict], Merger]:
+    """Raw and LAWA val loss of each (complete) window, streaming; optionally saving each average
+    (and then scoring the file written)."""
+    merger = Merger(source.paths, evaluator.runtime.device)
+    bar = (lambda it: tqdm(it, desc="LAWA windows", unit="win")) if progress else iter
+    models = merger.models(windows, save=saver(save_dir, source) if save_dir else None, progress=bar)
+    rows: dict[int, dict] = {}
+    for r in score_models(models, gpt_loader(model), token_loss(model, evaluator), KINDS):
+        rows.setdefault(r["step"], {"kind": "lawa", "step": r["step"], "members": r["members"]})[r["kind"]] = r["loss"]
+    return list(rows.values()), merger
 
 
 def format_table(results: list[dict], skipped: list[Window]) -> str:
@@ -157,23 +179,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_eval_options(p)
     p.add_argument("--save_dir", help="also write each averaged checkpoint here (safetensors)")
     p.add_argument("--out", help="JSONL of the results (default: <run>/lawa_k<k>_nu<nu>.jsonl)")
-    p.add_argument("--wandb_log", action="store_true")
-    p.add_argument("--wandb_run_name", default="")
+    p.add_argument("--wandb_log", action="store_true", help="log into the run's wandb run (a new one for a folder)")
+    p.add_argument("--wandb_run_name", default="", help="name of a new wandb run (default: wandb's)")
     return p.parse_args(argv)
 
 
-def resolve(args: argparse.Namespace) -> tuple[Source, dict[str, int]]:
+def resolve(args: argparse.Namespace) -> tuple[Source, WindowPlan]:
     source = open_from_args(args)
     cfg = source.config
-    plan = {
-        "k": args.k or cfg.lawa_k,
-        "nu": args.nu or cfg.lawa_nu,
-        "interval": args.interval or cfg.lawa_interval,
-        "start": cfg.lawa_start if args.start is None else args.start,
-    }
-    bad = [f"--{k}={v}" for k, v in plan.items() if v < (0 if k == "start" else 1)]
-    if bad:
-        raise ConfigError(f"{', '.join(bad)}: k, nu and interval must be positive, start not negative")
+    plan = WindowPlan(
+        k=cfg.lawa_k if args.k is None else args.k,
+        nu=cfg.lawa_nu if args.nu is None else args.nu,
+        interval=cfg.lawa_interval if args.interval is None else args.interval,
+        start=cfg.lawa_start if args.start is None else args.start,
+        end=args.end,
+    )
     return source, plan
 
 
@@ -202,20 +222,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     cfg = source.config
     runtime = init_runtime(cfg.device, cfg.dtype)
     try:
-        windows = plan_windows(list(source.paths), plan["interval"], plan["k"], plan["nu"], plan["start"], args.end)
+        windows = plan.windows(source.paths)
         if not windows:
-            raise CheckpointError(f"{source.folder}: no LAWA window fits (k={plan['k']}, nu={plan['nu']}, start={plan['start']})")
-        complete = streaming_order([w for w in windows if w.complete], plan["nu"])
+            raise CheckpointError(f"{source.folder}: no LAWA window fits (k={plan.k}, nu={plan.nu}, start={plan.start})")
+        complete = streaming_order([w for w in windows if w.complete], plan.nu)
         if not complete:
             w = windows[0]
             raise CheckpointError(f"{source.folder}: every LAWA window lacks checkpoints (the one at step {w.step} "
                                   f"lacks steps {list(w.missing)}); choose nu a multiple of the snapshot interval")
-        check_checkpoints({s: source.paths[s] for w in complete for s in w.members})
+        Merger(source.paths).check(s for w in complete for s in w.members)
         mine = _chunk(complete, runtime)
         model, evaluator, eval_fp = build_evaluator(source, runtime)
         if runtime.master:
             check_fingerprint(source, eval_fp)
-            print(f"LAWA k={plan['k']} nu={plan['nu']} interval={plan['interval']} start={plan['start']}: "
+            print(f"LAWA k={plan.k} nu={plan.nu} interval={plan.interval} start={plan.start}: "
                   f"{len(complete)} windows of {len(windows)} complete, over {len(source.paths)} checkpoints in {source.folder}")
         results, _ = evaluate_lawa(mine, source, model, evaluator, args.save_dir, progress=runtime.master)
         results = sorted(gather(results, runtime), key=lambda r: r["step"])
@@ -232,26 +252,42 @@ def _chunk(windows: list[Window], runtime: Runtime) -> list[Window]:
     return windows[r * n // w : (r + 1) * n // w]
 
 
-def report(args: argparse.Namespace, source: Source, plan: dict, results: list[dict], skipped: list[Window]) -> None:
+def report(
+    args: argparse.Namespace, source: Source, plan: WindowPlan, results: list[dict], skipped: list[Window]
+) -> None:
     default_dir = source.run_dir or source.folder
-    out = Path(args.out) if args.out else default_dir / f"lawa_k{plan['k']}_nu{plan['nu']}.jsonl"
-    run = (
-        open_wandb(source.config.wandb_project, args.wandb_run_name, source.config.wandb_mode, {**plan, "path": str(args.path)}, default_dir)
-        if args.wandb_log
-        else NullRun()
-    )
-    logger = MetricsLogger(out, run, echo=False, append=False)
+    name = f"lawa_k{plan.k}_nu{plan.nu}"
+    out = Path(args.out) if args.out else default_dir / f"{name}.jsonl"
+    settings = {"k": plan.k, "nu": plan.nu, "interval": plan.interval, "start": plan.start}
+    logger = MetricsLogger(out, echo=False, append=False)
     for r in results:
-        logger.log({**r, **plan})
+        logger.log({**r, **settings})
     for w in skipped:
-        logger.log({"kind": "lawa_skipped", "step": w.step, "missing": list(w.missing), **plan})
+        logger.log({"kind": "lawa_skipped", "step": w.step, "missing": list(w.missing), **settings})
     logger.close()
+    if args.wandb_log:  # into the training run, on axes of its own
+        cfg = source.config
+        run = open_wandb(cfg.wandb_project, args.wandb_run_name, cfg.wandb_mode, None, default_dir, resume=True)
+        log_section(run, name, [{"step": r["step"], "raw": r["raw"], "lawa": r["lawa"]} for r in results])
+        if source.run_dir is not None:
+            log_section(run, "val_loss", val_loss_rows(source.run_dir))
+        run.finish()
     print(format_table(results, skipped))
     print(f"wrote {out}" + (f" and averaged checkpoints to {args.save_dir}" if args.save_dir else ""))
+
+
+def val_loss_rows(run_dir: Path) -> list[dict]:
+    """Every val loss curve of a run on one axis, a row per step: raw, EMA, SWA (its ``-swa``
+    branch) and each LAWA (online, and every lawa.py result beside the run)."""
+    rename = {"Original": "raw", "EMA": "ema", "SWA": "swa"}
+    curves = {rename.get(n) or n.lower().replace("=", "").replace(" ", "_"): c
+              for n, c in load_run(run_dir).curves.items()}
+    steps = sorted({s for c in curves.values() for s in c})
+    return [{"step": s, **{n: c[s] for n, c in curves.items() if s in c}} for s in steps]
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         run(parse_args(argv))
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, PlanError) as e:
         sys.exit(f"error: {e}")

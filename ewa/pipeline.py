@@ -115,7 +115,8 @@ def lawa_stage(stages: Stages, run_dir: Path, cfg: TrainConfig, k: int, nu: int)
     if stages.done(f"{run_dir.name}/{name}", settings) and (run_dir / f"{name}.jsonl").exists():
         print(f"reusing {run_dir / name}.jsonl")
         return
-    lawa_cli.run(lawa_cli.parse_args([str(run_dir), f"--k={k}", f"--nu={nu}", f"--interval={cfg.lawa_interval}"]))
+    wandb = ["--wandb_log"] if cfg.wandb_log else []  # into the training run's wandb run
+    lawa_cli.run(lawa_cli.parse_args([str(run_dir), f"--k={k}", f"--nu={nu}", f"--interval={cfg.lawa_interval}", *wandb]))
     stages.mark(f"{run_dir.name}/{name}", settings)
 
 

@@ -7,30 +7,24 @@ the paper), or any folder of ``save_pretrained`` directories named by step.
     python pythia_lawa.py zeroshot   EleutherAI/pythia-1b-deduped --steps 48000 60000 105000 141000
     python pythia_lawa.py savings    out/pythia-1b-deduped/perplexity.jsonl --tolerance 0 0.5 1
 
-Windows are ``ewa.lawa.plan_windows``'s, by default with the paper's settings (k=5, nu=1000,
-interval=3000, from step 21000): the LAWA model at step t averages the checkpoints at t, t-nu,
-..., t-(k-1)nu, and a window lacking one is reported and skipped. An average streams tensor by
-tensor (the float64 sum of the k members' tensors over k, cast back to the checkpoint's dtype),
-so memory stays near one model whatever k is. It is either written as a Hugging Face directory
-or copied into the model under evaluation, which then holds the original weights of the
-window's step and its LAWA weights in turn: one model in memory, no disk writes unless asked.
+This module holds what is Pythia's own: hub revisions, the GPU-hour table and the savings, and
+the commands. Windows, averages and their evaluation are the shared engine's (``ewa.merge``:
+by default with the paper's settings k=5, nu=1000, interval=3000, from step 21000), and the
+Hugging Face side is ``ewa.hf``'s: the model under evaluation holds the original weights of a
+window's step and its LAWA weights in turn, one model in memory, no disk writes unless asked.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
-import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import (
     HFValidationError,
@@ -38,65 +32,24 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ewa.checkpoint import CheckpointError, Weights, atomic_dir, atomic_write_text, check_compatible, list_checkpoints
+from ewa import hf
+from ewa.checkpoint import CheckpointError, atomic_write_text, list_checkpoints
 from ewa.config import ConfigError
-from ewa.lawa import Window, plan_windows
-from ewa.runtime import resolve_device
+from ewa.hf import InputError
 from ewa.logger import MetricsLogger, read_metrics
-
-if TYPE_CHECKING:  # transformers and lm_eval take seconds to import: only the commands needing them do
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from ewa.merge import Evaluation, Merger, PlanError, TensorStream, Window, WindowPlan, score_models
+from ewa.runtime import resolve_device
 
 PYTHIA_LAST_STEP = 143000  # the last revision of every Pythia model
-SHARD_BYTES = 5 * 10**9  # an average is written in safetensors shards of at most this size
 GPU_HOURS_FILE = Path(__file__).resolve().parents[1] / "configs" / "pythia_gpu_hours.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 HUB_FILES = ["*.json", "*.txt", "*.model"]  # config, tokenizer, shard index: all but the weights
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRIMARY_METRICS = ("acc", "word_perplexity", "exact_match", "perplexity")
-PERCENT_METRICS = ("acc", "acc_norm", "exact_match")
-BOOTSTRAP_ITERS = 1000  # lm-eval's stderr of acc is closed-form; this only bounds the bootstrapped ones
-
-
-class InputError(Exception):
-    """A file or flag that cannot be used; the message names it and the fix."""
+KINDS = {"newest": "original", "average": "lawa"}
 
 
 # ---------------------------------------------------------------------------------------------
-# revisions and windows
-
-
-@dataclass(frozen=True)
-class LawaPlan:
-    """The window settings; ``steps`` keeps only the windows at those steps (default: all)."""
-
-    k: int = 5
-    nu: int = 1000
-    interval: int = 3000
-    start: int = 21000
-    end: int | None = None
-    steps: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if min(self.k, self.nu, self.interval) < 1 or self.start < 0:
-            raise InputError(f"--k {self.k} --nu {self.nu} --interval {self.interval} --start {self.start}: "
-                             "k, nu and interval must be positive, start not negative")
-
-    def windows(self, available: Iterable[int], end: int | None) -> list[Window]:
-        windows = plan_windows(list(available), self.interval, self.k, self.nu, self.start, end)
-        if not self.steps:
-            return windows
-        by_step = {w.step: w for w in windows}
-        wrong = sorted(set(self.steps) - by_step.keys())
-        if wrong:
-            grid = ", ".join(map(str, list(by_step)[:3])) + (f", ..., {max(by_step)}" if len(by_step) > 3 else "")
-            settings = f"--start {self.start} --interval {self.interval} --k {self.k} --nu {self.nu}"
-            raise InputError(f"--steps {' '.join(map(str, wrong))}: no such window; "
-                             f"with {settings} the windows are at {grid or 'no step'}")
-        return [by_step[s] for s in sorted(set(self.steps))]
+# revisions
 
 
 @dataclass
@@ -121,7 +74,7 @@ class Source:
         ]
 
 
-def open_source(model: str, plan: LawaPlan, cache_dir: str | None = None) -> Source:
+def open_source(model: str, plan: WindowPlan, cache_dir: str | None = None) -> Source:
     """A folder of ``step<N>/`` directories, or a hub id whose ``step<N>`` revisions the windows
     need are taken from the local cache or downloaded (``HF_HUB_OFFLINE=1``: the cache only)."""
     folder = Path(model)
@@ -166,92 +119,30 @@ def fetch_revision(repo_id: str, step: int, cache_dir: str | None = None) -> Pat
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints
+# averages
 
 
-def check_members(source: Source) -> None:
-    """Every checkpoint of a complete window opens and has the first one's tensor names and
-    shapes, before any work is spent on averages."""
-    steps = sorted({s for w in source.complete for s in w.members})
+def check_members(source: Source, device: torch.device | str = "cpu") -> Merger:
+    """An engine over the checkpoints of the complete windows (averaging on ``device``), each
+    checked to open and to have the first one's tensor names and shapes before any work is
+    spent on averages."""
+    steps = {s for w in source.complete for s in w.members}
     if not steps:
         raise CheckpointError(f"{source.name}: no complete LAWA window\n" + "\n".join(source.skip_reasons()))
-    reference = Weights(source.paths[steps[0]], hf_names=True)
-    for step in tqdm(steps[1:], desc="checking checkpoints", unit="ckpt", leave=False):
-        check_compatible(reference, Weights(source.paths[step], hf_names=True))
+    merger = Merger(source.paths, device, hf_names=True)
+    merger.check(steps)
+    return merger
 
 
-# ---------------------------------------------------------------------------------------------
-# averaging
+def save_window(out_dir: Path, source: Source, plan: WindowPlan) -> Callable[[Window, TensorStream], Path]:
+    """The writer of ``out_dir/step<t>``, which keeps the average an earlier run left there for
+    the same window and refuses to overwrite another."""
 
-
-def average_tensors(
-    members: list[Weights], device: torch.device | str = "cpu"
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, LAWA tensor) for each tensor of the newest member: the float64 sum of the members'
-    tensors over their number, cast to the newest member's dtype. Tensors that are not floating
-    point (attention masks, counters) are the newest member's."""
-    newest = members[-1]
-    for name in newest.keys():
-        last = newest.get(name)
-        if not last.is_floating_point():
-            yield name, last.clone()
-            continue
-        total = last.to(device, torch.float64, copy=True)
-        for member in members[:-1]:
-            total += member.get(name).to(device)  # promoted to float64 element by element, no float64 copy
-        yield name, (total / len(members)).to(last.dtype)
-
-
-def write_safetensors(
-    folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int = SHARD_BYTES
-) -> None:
-    """``model.safetensors``, or shards of at most ``shard_bytes`` with the index transformers
-    reads; one shard is held in memory at a time."""
-    shards: list[list[str]] = []
-    shard: dict[str, torch.Tensor] = {}
-    size = total = 0
-
-    def flush() -> None:
-        save_file(shard, str(folder / f"part{len(shards)}"), metadata={"format": "pt"})
-        shards.append(list(shard))
-
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > shard_bytes:
-            flush()
-            shard, size = {}, 0
-        shard[name] = tensor.detach().to("cpu").contiguous()
-        size, total = size + nbytes, total + nbytes
-    flush()
-    if len(shards) == 1:
-        (folder / "part0").rename(folder / "model.safetensors")
-        return
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for i, name in enumerate(names):
-        (folder / f"part{i}").rename(folder / name)
-    weight_map = {tensor: names[i] for i, part in enumerate(shards) for tensor in part}
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def save_average(out: Path, members: list[Weights], info: dict[str, Any], shard_bytes: int = SHARD_BYTES) -> Path:
-    """The LAWA average of ``members`` as the Hugging Face directory ``out``: config and tokenizer
-    files of the newest member, safetensors weights, the window in ``lawa.json``; ``out`` is
-    either absent or complete, whatever happens."""
-    with atomic_dir(out) as tmp:
-        for f in sorted(members[-1].path.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and not f.name.endswith(WEIGHT_SUFFIXES):
-                shutil.copy(f, tmp / f.name)
-        write_safetensors(tmp, average_tensors(members), shard_bytes)
-        (tmp / "lawa.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out
-
-
-def save_window(out_dir: Path, source: Source, window: Window, plan: LawaPlan) -> Path:
-    """``out_dir/step<t>``, written unless an earlier run left the same window's average there."""
-    out = out_dir / f"step{window.step}"
-    info = {"step": window.step, "members": list(window.members), "k": plan.k, "nu": plan.nu, "source": source.name}
-    if out.exists():
+    def save(window: Window, average: TensorStream) -> Path:
+        out = out_dir / f"step{window.step}"
+        info = {"step": window.step, "members": list(window.members), "k": plan.k, "nu": plan.nu, "source": source.name}
+        if not out.exists():
+            return hf.save_hf_average(out, average, source.paths[window.step], info)
         try:
             done = json.loads((out / "lawa.json").read_text())
         except (OSError, ValueError):
@@ -260,208 +151,8 @@ def save_window(out_dir: Path, source: Source, window: Window, plan: LawaPlan) -
             return out
         raise CheckpointError(f"{out}: exists and is not this window's average of {source.name} "
                               f"(steps {info['members']}); remove it or pick another output folder")
-    return save_average(out, [Weights(source.paths[s], hf_names=True) for s in window.members], info)
 
-
-# ---------------------------------------------------------------------------------------------
-# models under evaluation
-
-
-def load_model(folder: Path, device: torch.device, dtype: str = "auto") -> PreTrainedModel:
-    """The model of a save_pretrained directory, for evaluation. ``auto``: the checkpoint's own
-    dtype on a GPU (float16 for Pythia, as lm-eval loads it), float32 on a CPU."""
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = DTYPES.get(dtype) or ("auto" if device.type == "cuda" else torch.float32)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=device).eval()
-
-
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
-
-
-@torch.no_grad()
-def load_into(model: PreTrainedModel, tensors: Iterable[tuple[str, torch.Tensor]], origin: str) -> None:
-    """Copy checkpoint tensors into ``model``'s weights in place, one tensor at a time.
-
-    Checkpoints name tensors as ``save_pretrained`` stores them, which transformers may rename
-    on load (GPT-NeoX's ``embed_out`` is the model's ``lm_head``); its own reverse mapping gives
-    the model's tensors under the stored names. Every parameter must be written; stored tensors
-    the model does not keep (old attention masks, rotary tables) are passed over."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    targets = revert_weight_conversion(model, model.state_dict())
-    written = set()
-    for name, tensor in tensors:
-        target = targets.get(name)
-        if target is None:
-            continue
-        if target.shape != tensor.shape:
-            raise CheckpointError(f"{origin}: {name} has shape {tuple(tensor.shape)}, the model {tuple(target.shape)}")
-        target.copy_(tensor)
-        written.add(target.untyped_storage().data_ptr())
-    missing = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in written]
-    if missing:
-        raise CheckpointError(f"{origin}: no weights for {missing[:3]} of the model (another architecture, or "
-                              "weights transformers converts on load); evaluate averages written with --save_dir")
-
-
-def models_per_window(
-    source: Source, model: PreTrainedModel, plan: LawaPlan, save_dir: str | None = None
-) -> Iterator[tuple[Window, str]]:
-    """Load each complete window's original weights (its newest member), then its LAWA weights,
-    into ``model``; yields (window, "original" | "lawa") after each load. With ``save_dir`` the
-    average is written there first and read back, so what is evaluated is what was saved."""
-    for window in tqdm(source.complete, desc="windows", unit="window"):
-        members = [Weights(source.paths[s], hf_names=True) for s in window.members]
-        load_into(model, members[-1].items(), str(members[-1].path))
-        yield window, "original"
-        if save_dir:
-            saved = save_window(Path(save_dir), source, window, plan)
-            load_into(model, Weights(saved, hf_names=True).items(), str(saved))
-        else:
-            load_into(model, average_tensors(members, model.device), f"LAWA at step {window.step}")
-        yield window, "lawa"
-
-
-# ---------------------------------------------------------------------------------------------
-# perplexity
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """A fixed token budget of a held-out file: every model compared is scored on these tokens."""
-
-    name: str
-    tokens: torch.Tensor  # every token but the first is scored
-    words: int  # whitespace-separated words of the text these tokens cover
-    sha256: str
-
-
-def documents(path: Path) -> Iterator[str]:
-    """``.jsonl``: the ``text`` field of each line (PILE subsets); any other file: its whole text."""
-    if path.suffix != ".jsonl":
-        yield path.read_text(encoding="utf-8")
-        return
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError):
-                raise InputError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
-
-
-def read_held_out(path: Path, tokenizer: PreTrainedTokenizerBase, budget: int) -> HeldOut:
-    """The first ``budget`` + 1 tokens of ``path``'s documents, each document followed by the
-    end-of-text token as in pre-training; the words counted are those of the text covered."""
-    if not path.is_file():
-        raise InputError(f"--data {path}: no such file")
-    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    ids: list[int] = []
-    words = 0
-    for doc in documents(path):
-        encoded = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)
-        take = min(len(encoded["input_ids"]) + len(eos), budget + 1 - len(ids))
-        covered = doc if take >= len(encoded["input_ids"]) else doc[: encoded["offset_mapping"][take - 1][1]]
-        ids += (encoded["input_ids"] + eos)[:take]
-        words += len(covered.split())
-        if len(ids) > budget:
-            break
-    if len(ids) < 2 or words == 0:
-        raise InputError(f"--data {path}: too little text to score ({len(ids)} tokens, {words} words)")
-    tokens = torch.tensor(ids, dtype=torch.long)
-    return HeldOut(str(path), tokens, words, hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16])
-
-
-@torch.no_grad()
-def total_nll(model: PreTrainedModel, tokens: torch.Tensor, seq_len: int, batch_size: int) -> float:
-    """Summed next-token negative log-likelihood of ``tokens[1:]``, over non-overlapping windows of
-    ``seq_len`` predictions (each window's input starts at the previous window's last target)."""
-    full = (len(tokens) - 1) // seq_len
-    batches = list(tokens[: full * seq_len + 1].unfold(0, seq_len + 1, seq_len).split(batch_size)) if full else []
-    if len(tokens) - 1 > full * seq_len:
-        batches.append(tokens[full * seq_len :][None])
-    total = torch.zeros((), dtype=torch.float64, device=model.device)
-    for batch in tqdm(batches, desc="batches", unit="batch", leave=False):
-        batch = batch.to(model.device)
-        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
-        total += nll.double().sum()
-    return total.item()
-
-
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf
-
-
-def score(model: PreTrainedModel, data: HeldOut, seq_len: int, batch_size: int) -> dict[str, Any]:
-    """Token perplexity exp(NLL / tokens) and word perplexity exp(NLL / words), as lm-eval's."""
-    nll = total_nll(model, data.tokens, seq_len, batch_size)
-    scored = len(data.tokens) - 1
-    return {
-        "file": data.name,
-        "tokens": scored,
-        "words": data.words,
-        "nll": nll,
-        "token_perplexity": _exp(nll / scored),
-        "word_perplexity": _exp(nll / data.words),
-        "tokens_sha256": data.sha256,
-    }
-
-
-def perplexity_table(records: list[dict]) -> str:
-    rows = {(r["file"], r["step"], r["kind"]): r for r in records}
-    lines = [f"{'file':<24} {'step':>7} | {'token ppl':>10} {'LAWA':>10} | {'word ppl':>10} {'LAWA':>10}"]
-    for file, step in sorted({(f, s) for f, s, _ in rows}):
-        o, lawa = rows[file, step, "original"], rows[file, step, "lawa"]
-        cells = [f"{r[m]:10.3f}" for m in ("token_perplexity", "word_perplexity") for r in (o, lawa)]
-        lines.append(f"{Path(file).name[:24]:<24} {step:>7} | {cells[0]} {cells[1]} | {cells[2]} {cells[3]}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# zero-shot through lm-evaluation-harness
-
-
-def task_metrics(results: dict) -> dict[str, dict[str, float]]:
-    """Per task, lm-eval's numeric metrics under plain names (``acc``, ``acc_stderr``, ...)."""
-    return {
-        task: {key.removesuffix(",none"): v for key, v in values.items() if "," in key and isinstance(v, (int, float))}
-        for task, values in results["results"].items()
-    }
-
-
-def primary_metric(metrics: dict[str, float]) -> str:
-    """The figure the paper's Table 2 reports: accuracy, or word perplexity for wikitext."""
-    return next((m for m in PRIMARY_METRICS if m in metrics), None) or next(m for m in metrics if "stderr" not in m)
-
-
-def _step_label(step: int) -> str:
-    return f"{step // 1000}K" if step % 1000 == 0 else str(step)
-
-
-def zero_shot_table(records: list[dict]) -> str:
-    """Markdown in the shape of the paper's Table 2; the better value of each row in bold."""
-    pairs: dict[tuple[str, int, str], dict[str, dict]] = {}
-    for r in records:
-        pairs.setdefault((r["model"], r["step"], r["task"]), {})[r["kind"]] = r
-    lines = ["| Model | Step | Task | LAWA | Original |", "|---|---:|---|---:|---:|"]
-    for (model, step, task), pair in sorted(pairs.items()):
-        metric = primary_metric(pair["original"]["metrics"])
-        higher = pair["original"]["higher_is_better"].get(metric, True)
-        scale = 100 if metric in PERCENT_METRICS else 1
-        lawa, original = (pair[k]["metrics"][metric] * scale for k in ("lawa", "original"))
-        cells = [f"{v:.2f}" for v in (lawa, original)]
-        if lawa != original:
-            best = 0 if (lawa > original) == higher else 1
-            cells[best] = f"**{cells[best]}**"
-        label = f"{task} ({metric}{', %' if scale == 100 else ''}{'' if higher else ', lower is better'})"
-        lines.append(f"| {Path(model).name} | {_step_label(step)} | {label} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines) + "\n"
+    return save
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,28 +263,23 @@ def plot_savings(curves: dict[str, list[Saving]], path: Path) -> None:
 # commands
 
 
-def _plan(args: argparse.Namespace) -> LawaPlan:
-    return LawaPlan(args.k, args.nu, args.interval, args.start, args.end, tuple(args.steps or ()))
+def _plan(args: argparse.Namespace) -> WindowPlan:
+    return WindowPlan(args.k, args.nu, args.interval, args.start, args.end, tuple(args.steps or ()))
 
 
-def _open(args: argparse.Namespace) -> tuple[Source, LawaPlan]:
+def _open(args: argparse.Namespace, device: torch.device | str = "cpu") -> tuple[Source, WindowPlan, Merger]:
     plan = _plan(args)
     source = open_source(args.model, plan, args.cache_dir)
     for reason in source.skip_reasons():
         print(reason, file=sys.stderr)
-    check_members(source)
+    merger = check_members(source, device)
     print(f"{source.name}: {len(source.complete)} of {len(source.windows)} windows complete "
           f"(k={plan.k}, nu={plan.nu}, interval={plan.interval}, start={plan.start})")
-    return source, plan
+    return source, plan, merger
 
 
 def _default_out(args: argparse.Namespace, name: str) -> Path:
     return Path(args.out) if args.out else Path("out") / Path(args.model).name / name
-
-
-def _evaluation_setup(args: argparse.Namespace, source: Source) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    first = source.paths[source.complete[0].step]
-    return load_model(first, resolve_device(args.device), args.dtype), load_tokenizer(first)
 
 
 def _log_skipped(logger: MetricsLogger, source: Source) -> None:
@@ -602,74 +288,81 @@ def _log_skipped(logger: MetricsLogger, source: Source) -> None:
             logger.log({"model": source.name, "step": w.step, "kind": "skipped", "missing": list(w.missing)})
 
 
+def _score(args: argparse.Namespace, name: str, evaluation: Callable) -> list[dict]:
+    """Original and LAWA of every complete window, loaded in turn into one model and scored by
+    ``evaluation(model, tokenizer)``; the records go to ``out/<model>/<name>.jsonl``."""
+    device = resolve_device(args.device)
+    source, plan, merger = _open(args, device)  # averages are summed where the model is
+    first = source.paths[source.complete[0].step]
+    model, tokenizer = hf.load_model(first, device, args.dtype), hf.load_tokenizer(first)
+    evaluate: Evaluation = evaluation(model, tokenizer)
+    save = save_window(Path(args.save_dir), source, plan) if args.save_dir else None
+    models = merger.models(source.complete, save=save, progress=partial(tqdm, desc="windows", unit="window"))
+    out = _default_out(args, f"{name}.jsonl")
+    logger = MetricsLogger(out, echo=False, append=False)
+    _log_skipped(logger, source)
+    records = []
+
+    def load(tensors: TensorStream, origin: str) -> None:
+        hf.load_into(model, tensors, origin)
+
+    for record in score_models(models, load, evaluate, KINDS):
+        record = {"model": source.name, **record}
+        logger.log(record)
+        records.append(record)
+    logger.close()
+    print(f"wrote {out}")
+    return records
+
+
 def cmd_download(args: argparse.Namespace) -> None:
-    source, _ = _open(args)
+    source, _, _ = _open(args)
     print(f"{len(source.paths)} checkpoints ready, {len(source.unavailable)} unavailable")
 
 
 def cmd_average(args: argparse.Namespace) -> None:
-    source, plan = _open(args)
+    source, plan, merger = _open(args)
     out_dir = Path(args.out_dir)
-    for window in tqdm(source.complete, desc="LAWA windows", unit="window"):
-        save_window(out_dir, source, window, plan)
+    save = save_window(out_dir, source, plan)
+    bar = partial(tqdm, desc="LAWA windows", unit="window")
+    for window, _, average in merger.models(source.complete, newest=False, progress=bar):
+        save(window, average)
     print(f"the averages of {len(source.complete)} windows are in {out_dir}/step<N>")
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
-    source, plan = _open(args)
-    model, tokenizer = _evaluation_setup(args, source)
-    context = model.config.max_position_embeddings
-    seq_len = args.seq_len or context
-    if not 1 <= seq_len <= context:
-        raise InputError(f"--seq_len {seq_len}: must be between 1 and the model's context, {context}")
-    data = [read_held_out(Path(f), tokenizer, args.tokens) for f in args.data]
-    out = _default_out(args, "perplexity.jsonl")
-    logger = MetricsLogger(out, echo=False, append=False)
-    _log_skipped(logger, source)
-    records = []
-    for window, kind in models_per_window(source, model, plan, args.save_dir):
-        for held_out in data:
-            record = {"model": source.name, "step": window.step, "kind": kind, "members": list(window.members),
-                      "seq_len": seq_len, "dtype": str(model.dtype).removeprefix("torch."),
-                      **score(model, held_out, seq_len, args.batch_size)}
-            logger.log(record)
-            records.append(record)
-    logger.close()
-    print(perplexity_table(records))
-    print(f"wrote {out}")
+    def evaluation(model, tokenizer) -> Evaluation:
+        context = model.config.max_position_embeddings
+        seq_len = args.seq_len or context
+        if not 1 <= seq_len <= context:
+            raise InputError(f"--seq_len {seq_len}: must be between 1 and the model's context, {context}")
+        data = [hf.read_held_out(Path(f), tokenizer, args.tokens) for f in args.data]
+        scores = hf.text_perplexity(model, data, seq_len, args.batch_size)
+        dtype = str(model.dtype).removeprefix("torch.")
+        return lambda: [{**r, "seq_len": seq_len, "dtype": dtype} for r in scores()]
+
+    print(perplexity_table(_score(args, "perplexity", evaluation)))
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> None:
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    task_manager = TaskManager(include_path=args.include_path)
-    unknown = [t for t in args.tasks if t not in task_manager.all_tasks]
-    if unknown:
-        raise InputError(f"--tasks {' '.join(unknown)}: unknown to lm-eval (list them with `lm_eval ls tasks`; "
-                         "tasks of your own need --include_path)")
-    source, plan = _open(args)
-    model, tokenizer = _evaluation_setup(args, source)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
-    out = _default_out(args, "zeroshot.jsonl")
-    logger = MetricsLogger(out, echo=False, append=False)
-    _log_skipped(logger, source)
-    records = []
-    for window, kind in models_per_window(source, model, plan, args.save_dir):
-        results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=0, task_manager=task_manager,
-                                          limit=args.limit, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
-        for task, metrics in task_metrics(results).items():
-            record = {"model": source.name, "step": window.step, "kind": kind, "task": task,
-                      "members": list(window.members), "metrics": metrics,
-                      "higher_is_better": results["higher_is_better"].get(task, {})}
-            logger.log(record)
-            records.append(record)
-    logger.close()
-    table = zero_shot_table(records)
-    atomic_write_text(out.with_suffix(".md"), table)
+    manager = hf.task_manager(args.include_path, args.tasks)  # refuses unknown tasks before any work
+    records = _score(args, "zeroshot", lambda model, tokenizer: hf.zero_shot(
+        model, tokenizer, args.tasks, manager, args.batch_size, args.limit))
+    out = _default_out(args, "zeroshot.jsonl").with_suffix(".md")
+    table = hf.zero_shot_table(records)
+    atomic_write_text(out, table)
     print(table)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    print(f"wrote {out}")
+
+
+def perplexity_table(records: list[dict]) -> str:
+    rows = {(r["file"], r["step"], r["kind"]): r for r in records}
+    lines = [f"{'file':<24} {'step':>7} | {'token ppl':>10} {'LAWA':>10} | {'word ppl':>10} {'LAWA':>10}"]
+    for file, step in sorted({(f, s) for f, s, _ in rows}):
+        o, lawa = rows[file, step, "original"], rows[file, step, "lawa"]
+        cells = [f"{r[m]:10.3f}" for m in ("token_perplexity", "word_perplexity") for r in (o, lawa)]
+        lines.append(f"{Path(file).name[:24]:<24} {step:>7} | {cells[0]} {cells[1]} | {cells[2]} {cells[3]}")
+    return "\n".join(lines)
 
 
 def cmd_savings(args: argparse.Namespace) -> None:
@@ -711,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = argparse.ArgumentParser(add_help=False)
     evaluation.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
-    evaluation.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    evaluation.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES],
                             help="of weights and compute (default: the checkpoint's on a GPU, float32 on a CPU)")
     evaluation.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass (default: 8)")
     evaluation.add_argument("--save_dir", help="also write each average there as step<N>/ (default: memory only)")
@@ -759,5 +452,5 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (CheckpointError, ConfigError, InputError) as e:
+    except (CheckpointError, ConfigError, InputError, PlanError) as e:
         sys.exit(f"error: {e}")

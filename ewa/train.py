@@ -399,7 +399,7 @@ class Trainer:
                 remove(stale)
             save_config(cfg, self.run_dir / "config.json")
             run = (
-                open_wandb(cfg.wandb_project, cfg.wandb_run_name, cfg.wandb_mode, cfg.to_dict(), self.run_dir)
+                open_wandb(cfg.wandb_project, cfg.wandb_run_name, cfg.wandb_mode, cfg.to_dict(), self.run_dir, resume=not self.fresh)
                 if cfg.wandb_log
                 else NullRun()
             )

@@ -15,7 +15,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from ewa.checkpoint import list_checkpoints  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from ewa.checkpoint import list_checkpoints, snapshot_name  # noqa: E402
 from ewa.checkpointing import read_resume  # noqa: E402
 from ewa.config import TrainConfig  # noqa: E402
 from ewa.prepare import prepare_texts  # noqa: E402
@@ -74,6 +77,17 @@ def tiny_config(out_dir: Path, data_dir: Path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def random_checkpoints(folder: Path, steps, numel: int = 300, seed: int = 0) -> dict[int, Path]:
+    """Safetensors files named by step holding random tensors (no model shape recorded)."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for s in steps:
+        paths[s] = folder / snapshot_name(s)
+        save_file({"a": torch.randn(numel, generator=g), "b.weight": torch.randn(7, 3, generator=g) * 100}, str(paths[s]))
+    return paths
+
+
 def write_config_file(path: Path, cfg: TrainConfig) -> Path:
     """The config as a plain-Python config file, for the entry scripts."""
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.to_dict().items()))
@@ -84,3 +98,27 @@ def resume_state(run_dir: Path, step: int | None = None) -> dict:
     """A run's resume checkpoint at ``step`` (default: the newest), read whole (``read_resume``)."""
     saved = list_checkpoints(Path(run_dir) / "resume")
     return read_resume(saved[max(saved) if step is None else step])
+
+
+STEPS = (1000, 2000, 3000, 4000, 5000, 6000)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus):
+    """A byte-level BPE of 320 tokens trained on the corpus (transformers' PreTrainedTokenizerFast)."""
+    from hf_models import train_tokenizer
+
+    return train_tokenizer(corpus["train"][:20000])
+
+
+@pytest.fixture(scope="session")
+def revisions(tmp_path_factory, tokenizer) -> Path:
+    """step1000/ ... step6000/: tiny GPT-NeoX revisions with different random weights; 1000 as
+    pytorch_model.bin, 2000 sharded, the others one safetensors file."""
+    from hf_models import save_revision, tiny_neox
+
+    root = tmp_path_factory.mktemp("tiny-neox")
+    layouts = {1000: "bin", 2000: "sharded"}
+    for step in STEPS:
+        save_revision(root / f"step{step}", tiny_neox(len(tokenizer), seed=step), tokenizer, layouts.get(step, "safetensors"))
+    return root

@@ -1,10 +1,12 @@
+import json
 import math
+import runpy
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from ewa import lawa_cli
 from ewa.analysis import (
     AnalysisError,
@@ -25,7 +27,7 @@ from ewa.analysis import (
 )
 from ewa.analysis_cli import main
 from ewa.checkpoint import load_weights
-from ewa.lawa import reference_average
+from ewa.merge import reference_average
 from ewa.logger import read_metrics
 from ewa.runtime import init_runtime
 from ewa.train import run
@@ -238,3 +240,59 @@ def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0 and "--out_dir" in capsys.readouterr().out
+
+
+# -- zero-shot ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_context_run(tmp_path_factory, data_dir) -> Path:
+    """A run with the CPU default's context of 128 bytes, which the Shakespeare tasks fit."""
+    cfg = tiny_config(tmp_path_factory.mktemp("zeroshot") / "run", data_dir, block_size=128, micro_batch_size=4,
+                      eval_tokens=1024)
+    run(cfg)
+    return Path(cfg.out_dir)
+
+
+def test_zero_shot_of_raw_ema_and_lawa_in_memory_equals_the_exported_models(long_context_run, corpus, tmp_path):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ewa.hf import export, prefix_token_id
+
+    high = long_context_run
+    tasks_module = runpy.run_path(str(ROOT / "data" / "shakespeare" / "tasks.py"))
+    tasks = tasks_module["write_tasks"](tmp_path / "tasks", corpus["val"], questions=12, texts=4)
+    question = json.loads((tmp_path / "tasks" / "word_order.jsonl").read_text().splitlines()[0])
+    answer = question["choices"][question["answer"]]
+    assert question["context"] + answer + "\n" in corpus["val"] and len(set(question["choices"])) == 4
+    assert all(sorted(choice.split()) == sorted(answer.split()) for choice in question["choices"])
+    main(["zeroshot", str(high), f"--tasks={','.join(tasks)}", f"--include_path={tmp_path / 'tasks'}", "--steps=20,40",
+          "--batch_size=4", f"--out_dir={tmp_path}"])
+    got = {(r["step"], r["kind"], r["task"]): r["metrics"] for r in records(tmp_path / "zeroshot.jsonl", "raw")
+           + records(tmp_path / "zeroshot.jsonl", "ema") + records(tmp_path / "zeroshot.jsonl", "lawa")}
+    assert set(got) == {(s, k, t) for s in (20, 40) for k in ("raw", "ema", "lawa") for t in tasks}
+    table = (tmp_path / "zeroshot.md").read_text().splitlines()
+    assert table[0] == "| Model | Step | Task | LAWA | EMA | Original |"
+    assert [row.split(" | ")[1:3] for row in table[2:]] == [[str(s), f"{t} ({m})"] for s in (20, 40)
+                                                         for t, m in sorted(zip(tasks, ("acc, %", "word_perplexity, lower is better"), strict=True))]
+
+    # the same models exported to disk and loaded by transformers score the same
+    lawa_py(high, "--k=3", "--nu=10", "--interval=20", f"--save_dir={tmp_path / 'avg'}", f"--out={tmp_path / 'l.jsonl'}")
+    files = {"raw": high / "snapshots" / "raw" / "step_00000040.safetensors",
+             "ema": high / "snapshots" / "ema" / "step_00000040.safetensors",
+             "lawa": tmp_path / "avg" / "step_00000040.safetensors"}
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    for kind, file in files.items():
+        out = export(file, tmp_path / f"hf-{kind}", "bytes", {})
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(out), tokenizer=tokenizer, batch_size=4,
+                  prefix_token_id=prefix_token_id(tokenizer))
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, task_manager=manager, log_samples=False,
+                                          bootstrap_iters=0)["results"]
+        for task in tasks:
+            for metric, value in got[40, kind, task].items():
+                if "stderr" not in metric:
+                    assert results[task][f"{metric},none"] == pytest.approx(value, rel=1e-6), (kind, task, metric)

@@ -8,97 +8,14 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, random_checkpoints, tiny_config
 from ewa.checkpoint import CheckpointError, load_weights, snapshot_name
-from ewa.lawa import RunningAverage, Window, plan_windows, reference_average, stream_averages, streaming_order
+from ewa.merge import Merger
 from ewa.lawa_cli import parse_args
 from ewa.lawa_cli import run as run_lawa
 from ewa.logger import read_metrics
 from ewa.train import run as train
 from model import GPT
-
-
-def steps_of(windows: list[Window]) -> list[int]:
-    return [w.step for w in windows]
-
-
-def test_window_plan():
-    every10 = range(0, 101, 10)
-    w = plan_windows(every10, interval=20, k=3, nu=10)
-    assert steps_of(w) == [20, 40, 60, 80, 100] and w[0].members == (0, 10, 20) and all(x.complete for x in w)
-    # the first window is the first on the start + m * interval grid with enough history
-    assert steps_of(plan_windows(every10, interval=50, k=5, nu=20)) == [100]
-    assert steps_of(plan_windows(every10, interval=20, k=2, nu=10, start=30, end=70)) == [30, 50, 70]
-    # a window with a missing member is reported, not averaged over fewer checkpoints
-    w = plan_windows(set(every10) - {40}, interval=10, k=3, nu=10)
-    assert [(x.step, x.missing) for x in w if not x.complete] == [(40, (40,)), (50, (40,)), (60, (40,))]
-    # start off the checkpoint grid: the window lacks all its members
-    assert plan_windows(every10, interval=20, k=2, nu=10, start=25)[0].missing == (15, 25)
-    assert plan_windows([], 10, 2, 10) == []
-
-
-def test_window_plan_for_the_papers_settings():
-    nanogpt = plan_windows(range(0, 70_001, 200), interval=1000, k=5, nu=200)
-    assert nanogpt[0].members == (200, 400, 600, 800, 1000) and nanogpt[-1].step == 70_000 and len(nanogpt) == 70
-    far = plan_windows(range(0, 70_001, 200), interval=1000, k=5, nu=1000)
-    assert far[0].members == (0, 1000, 2000, 3000, 4000)
-    pythia = plan_windows(range(1000, 143_001, 1000), interval=3000, k=5, nu=1000, start=21_000)
-    assert pythia[0].members == (17_000, 18_000, 19_000, 20_000, 21_000) and pythia[1].step == 24_000
-
-
-def random_checkpoints(folder: Path, steps, numel: int = 300, seed: int = 0) -> dict[int, Path]:
-    g = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for s in steps:
-        paths[s] = folder / snapshot_name(s)
-        save_file({"a": torch.randn(numel, generator=g), "b.weight": torch.randn(7, 3, generator=g) * 100}, str(paths[s]))
-    return paths
-
-
-@pytest.mark.parametrize("interval, k, nu", [(10, 4, 10), (20, 5, 10), (10, 3, 20), (30, 2, 10), (10, 8, 10)])
-def test_streaming_equals_the_reference_and_reads_each_file_at_most_twice(tmp_path, interval, k, nu):
-    paths = random_checkpoints(tmp_path, range(0, 201, 10))
-    windows = streaming_order(plan_windows(list(paths), interval, k, nu), nu)
-    running = RunningAverage(paths)
-    seen = 0
-    for window, average, raw in stream_averages(windows, running):
-        ref = reference_average([paths[s] for s in window.members])
-        assert max((average[n] - ref[n]).abs().max().item() for n in ref) <= 1e-6
-        assert all(torch.equal(raw[n], load_weights(paths[window.step])[n]) for n in raw)
-        seen += 1
-    assert seen == len(windows) > 0
-    assert max(running.stats.reads_per_step.values()) <= 2
-
-
-# Peak RSS from /proc (VmHWM): getrusage's ru_maxrss in a child carries the parent's across exec.
-MEMORY_PROBE = """
-import sys
-from pathlib import Path
-from ewa.checkpoint import list_checkpoints
-from ewa.lawa import RunningAverage, plan_windows, stream_averages, streaming_order
-paths = list_checkpoints(Path(sys.argv[1]))
-k = int(sys.argv[2])
-windows = streaming_order(plan_windows(list(paths), 1, k, 1), 1)
-running = RunningAverage(paths)
-for _ in stream_averages(windows, running):
-    pass
-print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")))
-"""
-
-
-def test_peak_memory_does_not_grow_with_k(tmp_path):
-    numel = 2_000_000  # 8 MB per checkpoint: holding 16 of them would add 128 MB
-    random_checkpoints(tmp_path / "ckpts", range(20), numel=numel)
-    script = tmp_path / "probe.py"
-    script.write_text(MEMORY_PROBE)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-    def peak(k: int) -> int:
-        out = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpts"), str(k)], env=env, capture_output=True, text=True, check=True)
-        return int(out.stdout.strip())
-
-    assert peak(16) - peak(2) < 2 * 4 * numel  # less than two checkpoints' worth
 
 
 def write_gpt_checkpoints(folder: Path, fmt: str, steps) -> dict[int, dict]:
@@ -155,12 +72,11 @@ def test_bad_folders_give_errors_naming_the_file(tmp_path, data_dir):
     data = paths[20].read_bytes()
     paths[20].write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="step_00000020.safetensors: not a readable safetensors file"):
-        RunningAverage(paths)._add(20, +1)
-    from ewa.lawa import check_checkpoints
+        Merger(paths).open(20)
 
     save_file({"a": torch.zeros(5), "b.weight": torch.zeros(7, 3)}, str(paths[20]))
     with pytest.raises(CheckpointError, match=r"step_00000020.safetensors: does not match .*step_00000000.safetensors \(a: \(5,\) vs \(300,\)\)"):
-        check_checkpoints(paths)
+        Merger(paths).check(paths)
 
 
 @pytest.fixture(scope="module")

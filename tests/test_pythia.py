@@ -1,5 +1,5 @@
-"""LAWA on Hugging Face checkpoints, offline: tiny random GPT-NeoX models saved as step revisions
-with a tokenizer trained here, a fake hub cache, and lm-eval tasks over local JSON."""
+"""pythia_lawa.py, offline: tiny random GPT-NeoX models saved as step revisions with a tokenizer
+trained here (the ``revisions`` fixture), a fake hub cache, and lm-eval tasks over local JSON."""
 
 import json
 import math
@@ -8,76 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+from hf_models import direct_nll, reference_average, save_revision, tiny_neox, write_tasks
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ewa.checkpoint import CheckpointError, Weights
-from ewa.pythia import (
-    LawaPlan,
-    average_tensors,
-    check_members,
-    gpu_hours_per_step,
-    load_into,
-    main,
-    open_source,
-    read_held_out,
-    save_average,
-    saving,
-    score,
-)
+from conftest import STEPS
+from ewa.checkpoint import CheckpointError
+from ewa.hf import read_held_out
+from ewa.merge import WindowPlan
+from ewa.pythia import check_members, gpu_hours_per_step, main, open_source, saving
 
-STEPS = (1000, 2000, 3000, 4000, 5000, 6000)
 WINDOW = ["--k", "3", "--nu", "1000", "--interval", "1000", "--start", "3000"]  # windows at 3000..6000
-
-
-def train_tokenizer(text: str) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-
-
-def tiny_neox(vocab: int, seed: int, hidden: int = 32) -> GPTNeoXForCausalLM:
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
-    return GPTNeoXForCausalLM(config).eval()
-
-
-def save_revision(folder: Path, model, tokenizer, layout: str = "safetensors") -> None:
-    """One revision in one of the layouts the hub holds: one safetensors file, safetensors
-    shards, or (older uploads) pytorch_model.bin."""
-    model.save_pretrained(folder, max_shard_size="20KB" if layout == "sharded" else "50GB")
-    tokenizer.save_pretrained(folder)
-    if layout == "bin":
-        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
-        (folder / "model.safetensors").unlink()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(corpus) -> PreTrainedTokenizerFast:
-    return train_tokenizer(corpus["train"][:20000])
-
-
-@pytest.fixture(scope="module")
-def revisions(tmp_path_factory, tokenizer) -> Path:
-    """step1000/ ... step6000/: different random weights; 1000 as pytorch_model.bin, 2000 sharded."""
-    root = tmp_path_factory.mktemp("tiny-neox")
-    layouts = {1000: "bin", 2000: "sharded"}
-    for step in STEPS:
-        model = tiny_neox(len(tokenizer), seed=step)
-        save_revision(root / f"step{step}", model, tokenizer, layouts.get(step, "safetensors"))
-    return root
-
-
-def reference_average(model_dirs: list[Path]) -> dict[str, torch.Tensor]:
-    """The plain definition: load every member whole, average in float64."""
-    states = [AutoModelForCausalLM.from_pretrained(d).state_dict() for d in model_dirs]
-    return {k: torch.stack([s[k].double() for s in states]).mean(0).to(states[-1][k].dtype) for k in states[-1]}
 
 
 def layout_without(revisions: Path, tmp_path: Path, *steps: int) -> Path:
@@ -112,18 +52,6 @@ def test_averaged_directory_loads_and_equals_the_reference(revisions, tmp_path):
               "--steps", "3000", "--out_dir", str(out)])
 
 
-def test_float16_members_average_in_float64_and_shards_load(tmp_path, tokenizer):
-    members = []
-    for step in (1000, 2000, 3000):
-        members.append(tmp_path / f"step{step}")
-        save_revision(members[-1], tiny_neox(len(tokenizer), seed=step).half(), tokenizer)
-    out = save_average(tmp_path / "avg", [Weights(m, hf_names=True) for m in members], {}, shard_bytes=20_000)
-    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
-    got = AutoModelForCausalLM.from_pretrained(out, dtype="auto").state_dict()
-    want = reference_average(members)
-    assert all(got[k].dtype == torch.float16 and torch.equal(got[k], want[k]) for k in want)
-
-
 def test_missing_revision_is_reported_and_its_windows_skipped(revisions, tmp_path, capsys):
     layout = layout_without(revisions, tmp_path, 4000)
     main(["average", str(layout), *WINDOW, "--out_dir", str(tmp_path / "lawa")])
@@ -137,54 +65,11 @@ def test_mismatched_or_corrupt_member_is_named(revisions, tmp_path, tokenizer):
     layout = layout_without(revisions, tmp_path, 4000)
     save_revision(layout / "step4000", tiny_neox(len(tokenizer), seed=4000, hidden=48), tokenizer)
     with pytest.raises(CheckpointError, match=r"step4000: does not match .*step1000.*one architecture"):
-        check_members(open_source(str(layout), LawaPlan(k=3, nu=1000, interval=1000, start=3000)))
+        check_members(open_source(str(layout), WindowPlan(k=3, nu=1000, interval=1000, start=3000)))
     weights = layout / "step4000" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(SystemExit, match=f"{weights}"):
         main(["average", str(layout), *WINDOW, "--out_dir", str(tmp_path / "lawa")])
-
-
-def test_in_memory_average_is_the_saved_one(revisions, tmp_path):
-    members = [Weights(revisions / f"step{s}", hf_names=True) for s in (2000, 3000, 4000)]
-    saved = save_average(tmp_path / "step4000", members, {})
-    model = AutoModelForCausalLM.from_pretrained(revisions / "step1000")
-    load_into(model, average_tensors(members), "LAWA at step 4000")
-    want = AutoModelForCausalLM.from_pretrained(saved).state_dict()
-    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
-
-
-def direct_nll(model, ids: list[int], seq_len: int) -> float:
-    """Window by window through transformers' own loss, one sequence at a time."""
-    total = 0.0
-    for i in range(0, len(ids) - 1, seq_len):
-        window = torch.tensor(ids[i : i + seq_len + 1])[None]
-        with torch.no_grad():
-            total += model(window, labels=window).loss.double().item() * (window.shape[1] - 1)
-    return total
-
-
-def test_perplexity_equals_a_direct_computation(revisions, tokenizer, corpus, tmp_path):
-    text = corpus["val"][:3000]
-    (tmp_path / "held.txt").write_text(text)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    model = AutoModelForCausalLM.from_pretrained(revisions / "step3000")
-    data = read_held_out(tmp_path / "held.txt", tokenizer, budget=10**6)
-    assert data.tokens.tolist() == ids and data.words == len(text.split())
-    got = score(model, data, seq_len=64, batch_size=3)  # batches of 3, 3, 2 full windows and a short one
-    want = direct_nll(model, ids, 64)
-    assert got["tokens"] == len(ids) - 1 and math.isclose(got["nll"], want, rel_tol=1e-6)
-    assert math.isclose(got["token_perplexity"], math.exp(want / (len(ids) - 1)), rel_tol=1e-6)
-    assert math.isclose(got["word_perplexity"], math.exp(want / len(text.split())), rel_tol=1e-6)
-    cut = read_held_out(tmp_path / "held.txt", tokenizer, budget=100)  # ends inside the text
-    assert cut.tokens.tolist() == ids[:101] and cut.words == len(tokenizer.decode(ids[:101]).split())
-
-    docs = [corpus["val"][i : i + 400] for i in (5000, 6000, 7000)]
-    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    first, second = (tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs[:2])
-    budget = len(first) + len(second)  # the first two documents and the separator between them
-    data = read_held_out(tmp_path / "held.jsonl", tokenizer, budget)
-    assert data.tokens.tolist() == first + [tokenizer.eos_token_id] + second
-    assert data.words == len(docs[0].split()) + len(docs[1].split())
 
 
 def test_perplexity_command_scores_original_and_lawa_on_the_same_tokens(revisions, corpus, tmp_path):
@@ -207,28 +92,6 @@ def test_perplexity_command_scores_original_and_lawa_on_the_same_tokens(revision
     for kind, folder in (("original", revisions / "step6000"), ("lawa", saved / "step6000")):
         model = AutoModelForCausalLM.from_pretrained(folder)
         assert math.isclose(records[kind]["nll"], direct_nll(model, data.tokens.tolist(), 64), rel_tol=1e-6)
-
-
-def write_tasks(folder: Path, corpus: dict[str, str]) -> Path:
-    """A multiple-choice task and a rolling-perplexity task (like wikitext) over local JSONL."""
-    folder.mkdir()
-    lines = [line for line in corpus["val"].splitlines() if line.strip()][:32]
-    mc = [{"question": lines[i], "choices": lines[i + 1 : i + 4], "answer": i % 3} for i in range(0, 32, 4)]
-    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
-    texts = [corpus["val"][i : i + 300] for i in (0, 300, 600)]
-    (folder / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    common = "dataset_path: json\ntest_split: test\n"
-    (folder / "tiny_mc.yaml").write_text(
-        f"task: tiny_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
-        'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
-        'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n'
-    )
-    (folder / "tiny_text.yaml").write_text(
-        f"task: tiny_text\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'text.jsonl'}\n"
-        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
-    )
-    return folder
 
 
 def test_zero_shot_with_lm_eval_gives_the_table(revisions, corpus, tmp_path):
@@ -281,7 +144,7 @@ def fake_hub_cache(cache: Path, repo: str, revisions: Path, steps: list[int]) ->
 
 def test_hub_revisions_come_from_the_offline_cache(revisions, tmp_path, capsys):
     fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-neox", revisions, [1000, 2000, 4000])
-    plan = LawaPlan(k=2, nu=1000, interval=1000, start=2000, end=4000)
+    plan = WindowPlan(k=2, nu=1000, interval=1000, start=2000, end=4000)
     source = open_source("tiny-org/tiny-neox", plan, cache_dir=str(tmp_path / "hub"))
     assert sorted(source.paths) == [1000, 2000, 4000] and [w.step for w in source.complete] == [2000]
     assert "not in the local Hugging Face cache" in source.unavailable[3000]

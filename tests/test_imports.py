@@ -1,0 +1,41 @@
+"""Every module of the package and every script imports, every import statement in them (also
+those inside functions, for libraries that are slow to import) resolves, and every pin of the
+requirements is met: a missing or too-old dependency fails here at once, not deep in a command."""
+
+import ast
+import importlib
+import pkgutil
+from importlib.metadata import version
+
+from packaging.requirements import Requirement
+
+import ewa
+from conftest import ROOT
+
+SCRIPTS = ["analyze", "export_hf", "lawa", "pythia_lawa", "report", "reproduce", "train_small", "train_swa"]
+
+
+def test_every_module_and_every_import_in_it_resolves():
+    modules = [m.name for m in pkgutil.iter_modules(ewa.__path__, "ewa.")]
+    assert len(modules) >= 20 and "ewa.merge" in modules and "ewa.hf" in modules
+    for name in modules + SCRIPTS:
+        module = importlib.import_module(name)
+        for node in ast.walk(ast.parse(open(module.__file__).read())):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    importlib.import_module(alias.name)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module != "__future__":
+                imported = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(imported, alias.name) or importlib.import_module(f"{node.module}.{alias.name}"), (
+                        f"{name}: from {node.module} import {alias.name}")
+
+
+def test_installed_versions_meet_the_pins():
+    for file in ("requirements.txt", "requirements-nodeps.txt"):
+        for line in (ROOT / file).read_text().splitlines():
+            text = line.split("#")[0].strip()
+            if text:
+                requirement = Requirement(text)
+                assert requirement.specifier.contains(version(requirement.name), prereleases=True), (
+                    f"{file}: {text}, but {version(requirement.name)} is installed")
