@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ewa.merge import merge_weights
 from ewa.parallel import Shares
 
 Tensors = list[torch.Tensor]
@@ -128,18 +129,27 @@ class SWA(Averager):
 
 class OnlineLAWA(Averager):
     """LAWA during training: keeps the share at the k latest multiples of nu in k slots,
-    and at a step t that is one of them averages t, t - nu, ..., t - (k-1)*nu in float64:
-    the same window, and the same figure, as offline ``lawa.py`` over the run's snapshots."""
+    and at a step t that is one of them averages t, t - nu, ..., t - (k-1)*nu in float64
+    (uniformly, or with the coefficients of ``ewa.merge.merge_weights``): the same window,
+    and the same figure, as offline ``lawa.py`` over the run's snapshots."""
 
     name = "lawa"
 
     def __init__(
-        self, shares: Shares, k: int, nu: int, device: torch.device, pin: bool = False, out: torch.Tensor | None = None
+        self,
+        shares: Shares,
+        k: int,
+        nu: int,
+        device: torch.device,
+        pin: bool = False,
+        out: torch.Tensor | None = None,
+        weights: str = "uniform",
     ):
         """``out``: where ``averaged`` writes the mean (default: a buffer of its own); valid
-        until the next ``update``."""
+        until the next ``update``. ``weights``: the merge's weights (``merge_weights``)."""
         super().__init__(shares, device, pin)
         self.k, self.nu = k, nu
+        self.coefficients = None if weights == "uniform" else merge_weights(weights, k)
         self.slots = [self._buffer() for _ in range(k)]
         self.slot_steps = [-1] * k  # the step each slot holds (-1: empty)
         self.mean = out if out is not None else self.shares.alloc(device, pin)
@@ -162,11 +172,19 @@ class OnlineLAWA(Averager):
         if self.window_steps() != expected:
             return None
         members = [self.slots[self.slot_steps.index(s)][0] for s in expected]  # oldest first
+        c = self.coefficients
         for a in range(0, self.shares.numel, SUM_BLOCK):
-            acc = members[0][a : a + SUM_BLOCK].double()
-            for m in members[1:]:
-                acc += m[a : a + SUM_BLOCK]
-            torch.div(acc, self.k, out=self.mean[a : a + SUM_BLOCK])
+            block = slice(a, a + SUM_BLOCK)
+            if c is None:
+                acc = members[0][block].double()
+                for m in members[1:]:
+                    acc += m[block]
+                torch.div(acc, self.k, out=self.mean[block])
+            else:  # the same order of operations as merge.tensorwise_mean: newest first
+                acc = members[-1][block].double().mul_(c[-1])
+                for m, ci in zip(members[:-1], c[:-1], strict=True):
+                    acc.add_(m[block], alpha=ci)
+                self.mean[block].copy_(acc)
         return self.mean
 
     def tensors(self) -> dict[str, torch.Tensor]:

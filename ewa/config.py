@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ewa.merge import merge_weights
 from model import GPTConfig
 
 
@@ -71,6 +72,7 @@ class TrainConfig:
     lawa_interval: int = 1000  # ... at every interval steps (offline lawa.py) ...
     lawa_start: int = 0  # ... from this step on
     lawa_online: bool = False  # also evaluate LAWA during training from in-memory snapshots
+    lawa_weights: str = "uniform"  # online LAWA's merge: uniform | 1-sqrt | cosine | ema:<a> (see ewa/merge.py)
     swa: bool = False  # set by train_swa.py
     swa_start: float = 0.75  # fraction of max_steps at which SWA starts
     swa_lr: float = 6e-4  # SWA learning rate, reached by cosine annealing ...
@@ -122,6 +124,10 @@ class TrainConfig:
         self._check(self.min_lr <= self.learning_rate, "min_lr must not exceed learning_rate")
         self._check(0 <= self.ema_decay < 1, f"ema_decay={self.ema_decay} must be in [0, 1)")
         self.emas()  # checks ema_decays
+        try:
+            merge_weights(self.lawa_weights, self.lawa_k)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("--weights", "lawa_weights")) from None
         self._check(0 < self.swa_start < 1, f"swa_start={self.swa_start} is a fraction of max_steps in (0, 1)")
         self._check(self.cooldown_steps <= self.max_steps, "cooldown_steps must not exceed max_steps")
         self._check(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")

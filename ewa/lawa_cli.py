@@ -123,10 +123,11 @@ def evaluate_lawa(
     evaluator: Evaluator,
     save_dir: str | None = None,
     progress: bool = True,
+    weights: str = "uniform",
 ) -> tuple[list[dict], Merger]:
-    """Raw and LAWA val loss of each (complete) window, streaming; optionally saving each average
-    (and then scoring the file written)."""
-    merger = Merger(source.paths, evaluator.runtime.device)
+    """Raw and LAWA val loss of each (complete) window, streaming, merged with ``weights``;
+    optionally saving each average (and then scoring the file written)."""
+    merger = Merger(source.paths, evaluator.runtime.device, weights=weights)
     bar = (lambda it: tqdm(it, desc="LAWA windows", unit="win")) if progress else iter
     models = merger.models(windows, save=saver(save_dir, source) if save_dir else None, progress=bar)
     rows: dict[int, dict] = {}
@@ -176,6 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, help="steps between windows (default: lawa_interval)")
     p.add_argument("--start", type=int, help="first window step (default: lawa_start)")
     p.add_argument("--end", type=int, help="last window step (default: the last checkpoint)")
+    p.add_argument("--weights", help="the merge: uniform, 1-sqrt, cosine or ema:<a> (default: the run's lawa_weights)")
     add_eval_options(p)
     p.add_argument("--save_dir", help="also write each averaged checkpoint here (safetensors)")
     p.add_argument("--out", help="JSONL of the results (default: <run>/lawa_k<k>_nu<nu>.jsonl)")
@@ -193,6 +195,7 @@ def resolve(args: argparse.Namespace) -> tuple[Source, WindowPlan]:
         interval=cfg.lawa_interval if args.interval is None else args.interval,
         start=cfg.lawa_start if args.start is None else args.start,
         end=args.end,
+        weights=cfg.lawa_weights if args.weights is None else args.weights,
     )
     return source, plan
 
@@ -235,9 +238,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         model, evaluator, eval_fp = build_evaluator(source, runtime)
         if runtime.master:
             check_fingerprint(source, eval_fp)
-            print(f"LAWA k={plan.k} nu={plan.nu} interval={plan.interval} start={plan.start}: "
+            print(f"LAWA {plan.flags()}: "
                   f"{len(complete)} windows of {len(windows)} complete, over {len(source.paths)} checkpoints in {source.folder}")
-        results, _ = evaluate_lawa(mine, source, model, evaluator, args.save_dir, progress=runtime.master)
+        results, _ = evaluate_lawa(mine, source, model, evaluator, args.save_dir, runtime.master, plan.weights)
         results = sorted(gather(results, runtime), key=lambda r: r["step"])
         if runtime.master:
             report(args, source, plan, results, [w for w in windows if not w.complete])
@@ -256,9 +259,9 @@ def report(
     args: argparse.Namespace, source: Source, plan: WindowPlan, results: list[dict], skipped: list[Window]
 ) -> None:
     default_dir = source.run_dir or source.folder
-    name = f"lawa_k{plan.k}_nu{plan.nu}"
+    name = plan.name()
     out = Path(args.out) if args.out else default_dir / f"{name}.jsonl"
-    settings = {"k": plan.k, "nu": plan.nu, "interval": plan.interval, "start": plan.start}
+    settings = {"k": plan.k, "nu": plan.nu, "interval": plan.interval, "start": plan.start, "weights": plan.weights}
     logger = MetricsLogger(out, echo=False, append=False)
     for r in results:
         logger.log({**r, **settings})

@@ -20,6 +20,14 @@ Two ways to compute an average, chosen per window by cost (``plan_strategies``):
 Sliding is used when the sum fits in memory and sliding saves reads; otherwise tensorwise.
 Either way the average is the float64 sum over k, cast to the checkpoint's dtype; tensors that
 are not floating point (masks, counters) are the newest member's.
+
+**Weighted windows** (``merge_weights``): the merge is sum_i c_i * theta_i over the members,
+oldest first (i = 1..n), with weights from a decay profile p (p(0) = 1), as in WSM:
+``w_i = p((i - 1) / n)``, ``w_{n+1} = 0``, ``c_i = w_i - w_{i+1}`` (the merge equals, to first
+order, training on with the learning rate multiplied by w over the window). Profiles:
+``uniform`` (p(x) = 1 - x: every c_i = 1/n, today's LAWA), ``1-sqrt`` (1 - sqrt(x)), ``cosine``
+((1 + cos(pi x)) / 2), and ``ema:<a>``, an EMA over the checkpoints: c_i proportional to
+a (1 - a)^(n - i), normalised. A weighted window is not slid: it is summed tensor by tensor.
 """
 
 from __future__ import annotations
@@ -48,6 +56,32 @@ Model = tuple["Window", str, TensorStream]
 
 class PlanError(ValueError):
     """Window settings that cannot work; the message names the flags."""
+
+
+PROFILES: dict[str, Callable[[float], float]] = {
+    "uniform": lambda x: 1.0 - x,
+    "1-sqrt": lambda x: 1.0 - math.sqrt(x),
+    "cosine": lambda x: (1.0 + math.cos(math.pi * x)) / 2.0,
+}
+
+
+def merge_weights(weights: str, n: int) -> list[float]:
+    """The coefficients c_1..c_n (oldest member first, summing to 1) of a window of ``n``
+    members merged with ``weights``: a profile name or ``ema:<a>`` (see the module docstring)."""
+    if weights.startswith("ema:"):
+        try:
+            a = float(weights[4:])
+        except ValueError:
+            a = -1.0
+        if not 0 < a <= 1:
+            raise PlanError(f"--weights={weights}: ema:<a> needs 0 < a <= 1, e.g. ema:0.3")
+        raw = [a * (1 - a) ** (n - i) for i in range(1, n + 1)]
+        return [c / sum(raw) for c in raw]
+    if weights not in PROFILES:
+        raise PlanError(f"--weights={weights}: use one of {', '.join(PROFILES)} or ema:<a>")
+    p = PROFILES[weights]
+    w = [p((i - 1) / n) for i in range(1, n + 1)] + [0.0]
+    return [w[i] - w[i + 1] for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,13 +133,21 @@ class WindowPlan:
     start: int = 0
     end: int | None = None
     steps: tuple[int, ...] = ()
+    weights: str = "uniform"  # the merge of each window (merge_weights)
 
     def __post_init__(self) -> None:
         if min(self.k, self.nu, self.interval) < 1 or self.start < 0:
             raise PlanError(f"{self.flags()}: k, nu and interval must be positive, start not negative")
+        merge_weights(self.weights, self.k)
 
     def flags(self) -> str:
-        return f"--k={self.k} --nu={self.nu} --interval={self.interval} --start={self.start}"
+        weights = "" if self.weights == "uniform" else f" --weights={self.weights}"
+        return f"--k={self.k} --nu={self.nu} --interval={self.interval} --start={self.start}{weights}"
+
+    def name(self) -> str:
+        """``lawa_k<k>_nu<nu>``, with ``_<weights>`` for a weighted merge (file names, wandb sections)."""
+        weights = "" if self.weights == "uniform" else "_" + self.weights.replace(":", "")
+        return f"lawa_k{self.k}_nu{self.nu}{weights}"
 
     def windows(self, available: Iterable[int], end: int | None = None) -> list[Window]:
         """The windows up to ``end`` (default: the plan's, else the last available step)."""
@@ -221,19 +263,28 @@ class SlidingSum:
         return {k: self._mean[k] if k in self._mean else self.exact[k] for k in self.names}
 
 
-def tensorwise_mean(members: list[Weights], device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+def tensorwise_mean(
+    members: list[Weights], device: torch.device | str = "cpu", coefficients: list[float] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, average) for each tensor of the newest member: the float64 sum of the members'
-    tensors over their number, cast to the newest member's dtype; one tensor at a time."""
+    tensors over their number (or, with ``coefficients``, oldest first, the float64 sum of
+    c_i times each), cast to the newest member's dtype; one tensor at a time."""
     newest = members[-1]
     for name in newest.keys():
         last = newest.get(name)
         if not last.is_floating_point():
             yield name, last
             continue
-        total = last.to(device, torch.float64, copy=True)
-        for member in members[:-1]:
-            total += member.get(name).to(device)  # promoted to float64 element by element
-        yield name, (total / len(members)).to(last.dtype)
+        if coefficients is None:
+            total = last.to(device, torch.float64, copy=True)
+            for member in members[:-1]:
+                total += member.get(name).to(device)  # promoted to float64 element by element
+            yield name, (total / len(members)).to(last.dtype)
+            continue
+        total = last.to(device, torch.float64, copy=True).mul_(coefficients[-1])
+        for member, c in zip(members[:-1], coefficients[:-1], strict=True):
+            total.add_(member.get(name).to(device), alpha=c)  # in float64, element by element
+        yield name, total.to(last.dtype)
 
 
 def reference_average(files: list[Path]) -> Tensors:
@@ -277,7 +328,9 @@ class Merger:
 
     ``memory_budget``: bytes the sliding sum may take (default: half of the device's free
     memory, leaving the rest to the model under evaluation). ``hf_names``: keep a Hugging Face
-    GPT-2 directory's own tensor names (to write Hugging Face directories)."""
+    GPT-2 directory's own tensor names (to write Hugging Face directories). ``weights``: the
+    merge's weights (``merge_weights``); a window merged with weights other than ``uniform`` is
+    summed tensor by tensor."""
 
     def __init__(
         self,
@@ -285,11 +338,14 @@ class Merger:
         device: torch.device | str = "cpu",
         hf_names: bool = False,
         memory_budget: int | None = None,
+        weights: str = "uniform",
     ):
         self.paths = paths
         self.device = torch.device(device)
         self.hf_names = hf_names
         self.memory_budget = memory_budget
+        self.weights = weights
+        merge_weights(weights, 1)  # a bad name fails here, naming the choices
         self.stats = IOStats()
         self.sliding = SlidingSum(self.open, self.device)
 
@@ -317,7 +373,7 @@ class Merger:
         if budget is None:
             budget = available_memory(self.device) // 2
         like = Weights(next(iter(self.paths.values())), hf_names=self.hf_names)  # one architecture (``check``)
-        return plan_strategies(windows, sliding_bytes(like, newest) <= budget)
+        return plan_strategies(windows, self.weights == "uniform" and sliding_bytes(like, newest) <= budget)
 
     def models(
         self,
@@ -343,7 +399,9 @@ class Merger:
                 self.sliding.clear()
                 if newest:
                     yield window, "newest", self.open(window.step).items()
-                average = tensorwise_mean([self.open(s) for s in window.members], self.device)
+                members = [self.open(s) for s in window.members]
+                weights = None if self.weights == "uniform" else merge_weights(self.weights, len(members))
+                average = tensorwise_mean(members, self.device, weights)
             if save is not None:
                 average = Weights(save(window, average), hf_names=self.hf_names).items()
             yield window, "average", average

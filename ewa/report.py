@@ -61,19 +61,23 @@ def load_run(run_dir: str | Path) -> RunCurves:
     if swa:
         curves["SWA"] = swa
     for path in sorted(run_dir.glob("lawa_k*_nu*.jsonl"), key=_lawa_order):
-        k, nu = _lawa_order(path)
+        k, nu, weights = _lawa_order(path)
         curve = {r["step"]: r["lawa"] for r in read_metrics(path) if r.get("kind") == "lawa"}
         if curve:
-            curves[f"LAWA k={k} nu={nu}"] = curve
-    online = f"LAWA k={config['lawa_k']} nu={config['lawa_nu']}"
+            curves[f"LAWA k={k} nu={nu}" + (f" {weights}" if weights else "")] = curve
+    weights = config.get("lawa_weights", "uniform")
+    online = f"LAWA k={config['lawa_k']} nu={config['lawa_nu']}" + (
+        "" if weights == "uniform" else " " + weights.replace(":", "")
+    )
     if "lawa" in own and online not in curves:  # offline figures equal online ones: show one
         curves[online] = own["lawa"]
     return RunCurves(run_dir, config["max_steps"], config["tokens_per_step"], curves, _cooldowns(run_dir))
 
 
-def _lawa_order(path: Path) -> tuple[int, int]:
-    k, nu = re.fullmatch(r"lawa_k(\d+)_nu(\d+)\.jsonl", path.name).groups()
-    return int(k), int(nu)
+def _lawa_order(path: Path) -> tuple[int, int, str]:
+    """(k, nu, weights) of a lawa.py result (``lawa_k5_nu10.jsonl``, ``lawa_k5_nu10_1-sqrt.jsonl``)."""
+    k, nu, weights = re.fullmatch(r"lawa_k(\d+)_nu(\d+)(?:_(.+))?\.jsonl", path.name).groups()
+    return int(k), int(nu), weights or ""
 
 
 def _cooldowns(run_dir: Path) -> dict[int, dict]:
@@ -105,7 +109,9 @@ def gains_at_fractions(original: Curve, lawa: Curve, max_steps: int) -> list[dic
     for f in FRACTIONS:
         step = nearest_step(common, f * max_steps)
         if step is not None:
-            rows.append({"fraction": f, "step": step, "original": original[step], "lawa": lawa[step], "gain": common[step]})
+            rows.append(
+                {"fraction": f, "step": step, "original": original[step], "lawa": lawa[step], "gain": common[step]}
+            )
     return rows
 
 
@@ -154,8 +160,10 @@ def summary(run: RunCurves) -> str:
             reach = f"does not reach the Original's final {saved['target']:.4f}"
         else:
             pct = 100 * saved["saved"] / saved["final_step"]
-            reach = (f"reaches the Original's final {saved['target']:.4f} at step {saved['lawa_step']:.0f}: "
-                     f"{saved['saved']:.0f} steps ({pct:.0f}%) saved")
+            reach = (
+                f"reaches the Original's final {saved['target']:.4f} at step {saved['lawa_step']:.0f}: "
+                f"{saved['saved']:.0f} steps ({pct:.0f}%) saved"
+            )
         out.append(f"- **{name}**: gain over Original at {gains}; {reach}.")
     return "\n".join(out)
 
@@ -166,13 +174,18 @@ def cooldown_table(run: RunCurves) -> str:
     if not run.cooldowns:
         return ""
     lawa_names = run.lawa_names()
-    header = "| t | Original at t | " + " | ".join(f"{n} at t" for n in lawa_names) + " | cooldown from t | cooldown steps |"
+    header = (
+        "| t | Original at t | " + " | ".join(f"{n} at t" for n in lawa_names) + " | cooldown from t | cooldown steps |"
+    )
     lines = [header, "|---:|---:|" + "---:|" * len(lawa_names) + "---:|---:|"]
     for t, cd in run.cooldowns.items():
         lawa = [f"{run.curves[n][t]:.4f}" if t in run.curves[n] else "" for n in lawa_names]
         orig = run.curves["Original"].get(t)
-        lines.append(f"| {t} | {'' if orig is None else f'{orig:.4f}'} | " + " | ".join(lawa)
-                     + f" | {cd['loss']:.4f} | +{cd['steps']} |")
+        lines.append(
+            f"| {t} | {'' if orig is None else f'{orig:.4f}'} | "
+            + " | ".join(lawa)
+            + f" | {cd['loss']:.4f} | +{cd['steps']} |"
+        )
     return "\n".join(lines)
 
 
@@ -197,7 +210,9 @@ def render(run: RunCurves, extra: str = "") -> str:
 # plots
 
 
-def _plot(series: dict[str, Curve], path: Path, title: str, tokens_per_step: int, baseline: str | None = "Original") -> None:
+def _plot(
+    series: dict[str, Curve], path: Path, title: str, tokens_per_step: int, baseline: str | None = "Original"
+) -> None:
     """Val loss curves, and below them each curve minus ``baseline`` (small gains are visible)."""
     import matplotlib
 
@@ -205,8 +220,15 @@ def _plot(series: dict[str, Curve], path: Path, title: str, tokens_per_step: int
     import matplotlib.pyplot as plt
 
     rows = 2 if baseline in series else 1
-    fig, axes = plt.subplots(rows, 1, figsize=(7, 3.2 + 2.2 * (rows - 1)), dpi=120, sharex=True,
-                             gridspec_kw={"height_ratios": [3, 2][:rows]}, squeeze=False)
+    fig, axes = plt.subplots(
+        rows,
+        1,
+        figsize=(7, 3.2 + 2.2 * (rows - 1)),
+        dpi=120,
+        sharex=True,
+        gridspec_kw={"height_ratios": [3, 2][:rows]},
+        squeeze=False,
+    )
     top = axes[0, 0]
     values = []
     for name, curve in series.items():
@@ -253,8 +275,11 @@ def plot_lr_compare(high: RunCurves, low: RunCurves, path: Path, lawa_name: str)
 
 
 def lr_compare_text(high: RunCurves, low: RunCurves, high_lr: float, low_lr: float, lawa_name: str) -> str:
-    lines = ["## Learning-rate comparison (the paper's Figure 2)",
-             f"| LR | step | Original | {lawa_name} | gain |", "|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## Learning-rate comparison (the paper's Figure 2)",
+        f"| LR | step | Original | {lawa_name} | gain |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for run, lr in ((high, high_lr), (low, low_lr)):
         if lawa_name not in run.curves:
             continue
@@ -275,7 +300,9 @@ def write_report(run_dir: str | Path, assets: str | Path | None = None, extra: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir")
     parser.add_argument("--assets", help="also write the plots here (e.g. assets)")
     args = parser.parse_args(argv)
@@ -283,5 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         print(write_report(args.run_dir, args.assets))
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {Path(args.run_dir) / 'report.md'}, ema_swa.png and lawa.png" + (f" (plots also in {args.assets})" if args.assets else ""))
-
+    print(
+        f"wrote {Path(args.run_dir) / 'report.md'}, ema_swa.png and lawa.png"
+        + (f" (plots also in {args.assets})" if args.assets else "")
+    )

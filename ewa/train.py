@@ -129,7 +129,7 @@ class Trainer:
         if cfg.swa:
             averagers["swa"] = SWA(shares, cfg.swa_start_step(), cfg.swa_every, where, pin)
         if cfg.lawa_online:
-            averagers["lawa"] = OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, where, pin, out=staging)
+            averagers["lawa"] = OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, where, pin, staging, cfg.lawa_weights)
         return averagers
 
     def load_initial(self) -> list[Path]:

@@ -119,3 +119,18 @@ def test_lawa_with_two_ranks_splits_the_windows(online_run, tmp_path):
     one = {r["step"]: r["lawa"] for r in read_metrics(online_run / "lawa_k3_nu10.jsonl") if r["kind"] == "lawa"}
     assert two == pytest.approx(one, abs=1e-6) and len(two) == 3
     assert "skipped" not in proc.stdout and "     40 |" in proc.stdout
+
+
+@pytest.mark.parametrize("weights", ["1-sqrt", "ema:0.5"])
+def test_online_weighted_lawa_equals_offline(tmp_path, data_dir, weights):
+    cfg = tiny_config(tmp_path / "run", data_dir, lawa_online=True, lawa_k=3, lawa_nu=10, lawa_weights=weights)
+    train(cfg)
+    online = {r["step"]: r["lawa"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lawa" in r}
+    offline = {r["step"]: r["lawa"] for r in run_lawa(parse_args([str(tmp_path / "run"), "--interval=10"]))}
+    assert sorted(online) == sorted(offline) == [20, 30, 40]
+    assert all(offline[s] == pytest.approx(online[s], abs=1e-6) for s in online)
+    name = "lawa_k3_nu10_" + weights.replace(":", "")
+    records = read_metrics(tmp_path / "run" / f"{name}.jsonl")
+    assert {r["weights"] for r in records} == {weights}
+    uniform = {r["step"]: r["lawa"] for r in run_lawa(parse_args([str(tmp_path / "run"), "--interval=10", "--weights=uniform"]))}
+    assert all(abs(uniform[s] - offline[s]) > 1e-4 for s in offline)  # the weights change the merge

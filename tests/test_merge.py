@@ -1,6 +1,7 @@
 """The merge engine: the window plan, the strategy chosen by cost, and the two float64 sums
 against a direct float64 average, for every kind of checkpoint the project reads."""
 
+import math
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from ewa.merge import (
     PlanError,
     Window,
     WindowPlan,
+    merge_weights,
     plan_strategies,
     plan_windows,
     reference_average,
@@ -208,3 +210,67 @@ def test_peak_memory_does_not_grow_with_k(tmp_path, budget):
         return resident if budget == SLIDING else anonymous
 
     assert peak(16) - peak(3) < 2 * 4 * numel  # less than two checkpoints' worth (k=2 would not slide)
+
+
+# ---------------------------------------------------------------------------------------------
+# weighted windows
+
+PROFILES_BY_FORMULA = {  # p(x), straight from the definitions, for the references below
+    "uniform": lambda x: 1 - x,
+    "1-sqrt": lambda x: 1 - x**0.5,
+    "cosine": lambda x: (1 + math.cos(math.pi * x)) / 2,
+}
+
+
+def reference_coefficients(weights: str, n: int) -> list[float]:
+    if weights.startswith("ema:"):
+        a = float(weights[4:])
+        raw = [a * (1 - a) ** (n - i) for i in range(1, n + 1)]
+        return [r / sum(raw) for r in raw]
+    w = [PROFILES_BY_FORMULA[weights]((i - 1) / n) for i in range(1, n + 2)]
+    w[n] = 0.0  # w_{n+1} = 0
+    return [w[i] - w[i + 1] for i in range(n)]
+
+
+@pytest.mark.parametrize("weights", ["uniform", "1-sqrt", "cosine", "ema:0.3", "ema:1"])
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_merge_weights_sum_to_one_and_follow_the_formulas(weights, n):
+    c = merge_weights(weights, n)
+    assert len(c) == n and sum(c) == pytest.approx(1.0, abs=1e-12) and all(x >= 0 for x in c)
+    assert c == pytest.approx(reference_coefficients(weights, n), abs=1e-15)
+    if weights == "uniform":
+        assert c == pytest.approx([1 / n] * n, abs=1e-15)
+
+
+def test_bad_weights_name_the_choices():
+    with pytest.raises(PlanError, match=r"--weights=sqrt: use one of uniform, 1-sqrt, cosine or ema:<a>"):
+        merge_weights("sqrt", 3)
+    with pytest.raises(PlanError, match=r"ema:<a> needs 0 < a <= 1"):
+        WindowPlan(k=3, nu=1, interval=1, weights="ema:2")
+
+
+@pytest.mark.parametrize("weights", ["1-sqrt", "ema:0.4", "cosine"])
+def test_weighted_windows_equal_a_float64_reference(tmp_path, weights):
+    paths = random_checkpoints(tmp_path, range(0, 50, 10))
+    windows = plan_windows(paths, interval=10, k=4, nu=10)
+    merger = Merger(paths, memory_budget=SLIDING, weights=weights)
+    assert set(merger.strategies(windows)) == {"tensorwise"}  # a weighted window is not slid
+    for window, tensors in ((w, t) for w, role, t in merger.models(windows, newest=False) if role == "average"):
+        got = dict(tensors)
+        c = reference_coefficients(weights, 4)
+        members = [load_weights(paths[s]) for s in window.members]  # oldest first
+        for name in got:
+            want = sum(ci * m[name].double() for ci, m in zip(c, members))
+            assert torch.allclose(got[name].double(), want, rtol=2e-7, atol=0), (window.step, name)
+
+
+def test_uniform_weights_are_todays_lawa_exactly(tmp_path):
+    paths = random_checkpoints(tmp_path, range(0, 60, 10))
+    windows = streaming_order(plan_windows(paths, interval=10, k=3, nu=10), 10)
+    for budget in (SLIDING, TENSORWISE):
+        plain, uniform = (
+            [{k: v.clone() for k, v in t} for _, _, t in Merger(paths, memory_budget=budget, **kw).models(windows, False)]
+            for kw in ({}, {"weights": "uniform"})
+        )
+        assert len(plain) == len(uniform) == 4
+        assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(plain, uniform))
