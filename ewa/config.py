@@ -37,6 +37,10 @@ class TrainConfig:
     # checkpoint at branch_step: the whole trainer state, into this out_dir)
     init_from: str = "scratch"
     branch_step: int = -1  # with init_from=<run dir>: -1 = the SWA start step for SWA runs, else the latest
+    # with init_from=<run dir>: start from the raw weights at branch_step, its EMA snapshot, or the LAWA
+    # average of the window ending there (lawa_k, lawa_nu, lawa_weights); the averages then restart from it
+    branch_weights: str = "raw"  # raw | ema | lawa
+    branch_reset_optimizer: bool = False  # with init_from=<run dir>: fresh AdamW state, not the checkpoint's
     seed: int = 1337
     # -- data -----------------------------------------------------------------------------------
     data_dir: str = "data/shakespeare"
@@ -138,6 +142,7 @@ class TrainConfig:
         )
         self._check(self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode: offline, online or disabled")
         self._check(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")
+        self._check(self.branch_weights in ("raw", "ema", "lawa"), f"branch_weights={self.branch_weights!r}: use raw, ema or lawa")
         self._check(self.averaging_device in ("gpu", "cpu"), f"averaging_device={self.averaging_device!r}: use gpu or cpu")
         self._check(
             not self.lawa_online or self.eval_interval % self.lawa_nu == 0,

@@ -116,6 +116,14 @@ class Layout:
         group; plain full tensors in a single process)."""
         raise NotImplementedError
 
+    def share_of(self, full: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's share of whole tensors (name -> tensor), as a flat fp32 buffer for ``load``."""
+        pieces = [
+            full[name].reshape(-1)[offset : offset + shape.numel()]
+            for (name, offset, _), shape in zip(self.where(), self.shares.shapes, strict=True)
+        ]
+        return torch.cat([p.float() for p in pieces]) if pieces else torch.empty(0)
+
     @contextlib.contextmanager
     def swapping(self, params: Tensors) -> Iterator[Callable[[torch.Tensor], None]]:
         """Yields ``load(flat)``, which puts a share (e.g. an average) into the live model;

@@ -38,6 +38,7 @@ from ewa.data import BatchSampler, DataError, eval_windows, fingerprint, open_to
 from ewa.data import read_meta as read_data_meta
 from ewa.evaluate import Evaluator
 from ewa.logger import MetricsLogger, NullRun, open_wandb
+from ewa.merge import Merger, Window, window_members
 from ewa.parallel import accumulating, layout_of, wrap
 from ewa.runtime import Runtime, init_runtime, peak_flops, seed_everything, shutdown
 from ewa.schedule import lr_at
@@ -66,6 +67,26 @@ def snapshot_dir(run_dir: str | Path, kind: str = "raw") -> Path:
 
 def remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def branch_average(run: Path, step: int, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights a branch starts from (``branch_weights``): the run's EMA snapshot at
+    ``step``, or the LAWA merge of its raw snapshots in the window ending there."""
+    kind = "ema" if cfg.branch_weights == "ema" else "raw"
+    folder = snapshot_dir(run, kind)
+    snaps = list_checkpoints(folder) if folder.is_dir() else {}
+    members = window_members(step, cfg.lawa_k, cfg.lawa_nu) if cfg.branch_weights == "lawa" else (step,)
+    missing = [s for s in members if s not in snaps]
+    if missing:
+        raise ConfigError(
+            f"branch_weights={cfg.branch_weights} at step {step}: {folder} has no snapshot at step(s) {missing}; "
+            "choose a branch_step (and lawa_k, lawa_nu) on the run's ckpt_interval grid"
+        )
+    if cfg.branch_weights == "ema":
+        return load_weights(snaps[step])
+    window = Window(step, members)
+    (average,) = (dict(t) for _, _, t in Merger(snaps, weights=cfg.lawa_weights).models([window], newest=False))
+    return average
 
 
 class Trainer:
@@ -99,6 +120,8 @@ class Trainer:
         self.fresh = True  # False once state is loaded from a resume checkpoint
         if checkpoints:
             self.load_state(checkpoints)
+        if is_run_dir(cfg.init_from):
+            self.branch(Path(cfg.init_from), staging)
         self.sampler = BatchSampler(
             open_tokens(cfg.data_dir, "train", cfg.block_size + 1),
             cfg.block_size,
@@ -166,6 +189,23 @@ class Trainer:
                 "pass --branch_step=<one of them>, or re-run the original with a resume_interval that divides it"
             )
         return available[step]
+
+    def branch(self, run: Path, staging: torch.Tensor | None) -> None:
+        """A run branched from ``run`` at ``self.step``: from the raw weights there (everything
+        continues), or from their EMA or LAWA average (``branch_weights``: the averages then
+        restart from it, and this run's first snapshot and eval are of it); with
+        ``branch_reset_optimizer``, from a fresh AdamW state."""
+        cfg = self.cfg
+        if cfg.branch_weights != "raw":
+            start = branch_average(run, self.step, cfg)
+            self.layout.load(self.params, self.layout.share_of(start).to(self.params[0].device))
+            self.averaging.close()
+            self.averaging = Averaging(self.build_averagers(staging), self.share, staging)
+            self.fresh = True
+        if cfg.branch_reset_optimizer:
+            self.optimizer = self.model.configure_optimizers(
+                cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), self.rt.device_type
+            )
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -415,6 +455,7 @@ class Trainer:
                     "grad_accum_steps": self.accum,
                     "eval_fingerprint": self.eval_fingerprint,
                     "init_from": cfg.init_from,
+                    **({"branch": self.branch_record()} if is_run_dir(cfg.init_from) else {}),
                 },
                 f"{self.model.get_num_params() / 1e6:.2f}M parameters | {rt.world_size} process(es) on "
                 f"{rt.device_type} ({cfg.parallel}) | {self.accum} micro-steps per step | "
@@ -424,6 +465,16 @@ class Trainer:
         rt.barrier()  # stale temporaries are gone before any rank writes
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+
+    def branch_record(self) -> dict[str, Any]:
+        """Where a branched run started (logged in its start record)."""
+        cfg = self.cfg
+        return {
+            "from": cfg.init_from,
+            "step": self.step,
+            "weights": cfg.branch_weights,
+            "reset_optimizer": cfg.branch_reset_optimizer,
+        }
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop_signal = signum

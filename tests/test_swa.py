@@ -113,3 +113,56 @@ def test_train_swa_script_writes_next_to_the_original(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     evals = [r for r in read_metrics(tmp_path / "orig-swa" / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [20, 30, 40] and all("swa" in r for r in evals)
+
+
+@pytest.mark.parametrize("weights", ["ema", "lawa"])
+def test_a_branch_starts_from_the_average_it_asked_for(tmp_path, data_dir, weights):
+    from ewa.merge import merge_weights
+
+    original = tiny_config(tmp_path / "orig", data_dir, resume_interval=10, lawa_k=3, lawa_nu=10)
+    run(original)
+    branch = original.replace(out_dir=str(tmp_path / "branch"), init_from=str(tmp_path / "orig"), branch_step=30,
+                              branch_weights=weights, lawa_weights="1-sqrt")
+    run(branch)
+    first = load_weights(list_checkpoints(tmp_path / "branch" / "snapshots" / "raw")[30])
+    if weights == "ema":
+        want = load_weights(list_checkpoints(tmp_path / "orig" / "snapshots" / "ema")[30])
+    else:  # the 1-sqrt merge of steps 10, 20, 30, straight from the formula
+        snaps = list_checkpoints(tmp_path / "orig" / "snapshots" / "raw")
+        members, c = [load_weights(snaps[s]) for s in (10, 20, 30)], merge_weights("1-sqrt", 3)
+        want = {k: sum(ci * m[k].double() for ci, m in zip(c, members)).float() for k in first}
+    assert first.keys() == want.keys() and all(torch.allclose(first[k], want[k], atol=1e-6) for k in want)
+    ema = load_weights(list_checkpoints(tmp_path / "branch" / "snapshots" / "ema")[30])
+    assert all(torch.equal(ema[k], first[k]) for k in first)  # the averages restart from it
+    records = read_metrics(tmp_path / "branch" / "metrics.jsonl")
+    start = next(r for r in records if r["kind"] == "start")
+    assert start["branch"] == {"from": str(tmp_path / "orig"), "step": 30, "weights": weights, "reset_optimizer": False}
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [30, 40]
+    # the optimizer state is the raw checkpoint's at step 30
+    saved, now = resume_state(tmp_path / "orig", 30), resume_state(tmp_path / "branch", 30)
+    assert all(torch.equal(now["model"][k], first[k]) for k in saved["meta"]["names"])
+    opt_saved, opt_branch = read_optimizer(tmp_path / "orig", 30), read_optimizer(tmp_path / "branch", 30)
+    assert opt_saved.keys() == opt_branch.keys() and all(torch.equal(opt_branch[k], v) for k, v in opt_saved.items())
+
+
+def read_optimizer(run_dir: Path, step: int) -> dict:
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    from ewa.checkpointing import SafeReader
+
+    path = list_checkpoints(run_dir / "resume")[step]
+    return _load_state_dict_from_keys(storage_reader=SafeReader(path))["optimizer"]
+
+
+def test_a_branch_can_reset_the_optimizer(tmp_path, data_dir):
+    original = tiny_config(tmp_path / "orig", data_dir, resume_interval=10)
+    run(original)
+    branch = original.replace(out_dir=str(tmp_path / "branch"), init_from=str(tmp_path / "orig"), branch_step=20,
+                              branch_reset_optimizer=True, max_steps=21, resume_interval=1)
+    trainer = Trainer(branch, init_runtime("cpu", "float32"))
+    assert trainer.step == 20 and trainer.optimizer.state == {}  # fresh AdamW, the raw weights at step 20
+    saved = resume_state(tmp_path / "orig", 20)["model"]
+    assert all(torch.equal(p.detach(), saved[n]) for n, p in zip(trainer.names, trainer.params))
+    trainer.close()
+    with pytest.raises(ConfigError, match=r"branch_weights=lawa at step 20: .*snapshots/raw has no snapshot at step\(s\) \[-10\]"):
+        run(branch.replace(out_dir=str(tmp_path / "b2"), branch_weights="lawa", lawa_k=4, lawa_nu=10, ckpt_interval=100))
