@@ -51,7 +51,9 @@ def averaging_config(out_dir: Path, data_dir: Path, **overrides):
     )
 
 
-def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(
+    script: Path, *args: str, nproc: int = 2, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -61,7 +63,7 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> su
         str(script),
         *args,
     ]
-    return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env or ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def ranked(tmp: Path, cfg, nproc: int) -> list[dict]:
@@ -215,6 +217,9 @@ def assert_every_checkpoint_loads(run_dir: Path) -> None:
             Weights(path).get("transformer.wte.weight")
 
 
+COUNTER = {"ema": "num_updates", "swa": "num_averaged", "lawa": "slot_steps"}
+
+
 @pytest.mark.parametrize("resume_nproc", [2, 1])
 def test_sigkill_during_an_async_save_then_resume_on_two_or_one(runs, tmp_path, data_dir, resume_nproc):
     reference = resume_state(runs["ddp"])
@@ -222,69 +227,23 @@ def test_sigkill_during_an_async_save_then_resume_on_two_or_one(runs, tmp_path, 
     config_file = write_config_file(tmp_path / "cfg.py", cfg)
     script = tmp_path / "dies.py"
     script.write_text(DIES_DURING_ASYNC_SAVE)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            str(config_file),
-        ],
-        env={**ENV, "KILL_AT": "30"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode != 0
+    assert torchrun(script, str(config_file), env={**ENV, "KILL_AT": "30"}).returncode != 0
     run_dir = Path(cfg.out_dir)
-    assert list(run_dir.glob("resume/.step_00000030.tmp")), (
-        "the interrupted save should have left its temporary directory"
-    )
+    assert list(run_dir.glob("resume/.step_00000030.tmp")), "the interrupted save leaves its temporary directory"
     assert list(list_checkpoints(run_dir / "resume")) == [10, 20]  # the newest complete checkpoint is step 20
     assert_every_checkpoint_loads(run_dir)
     args = [str(config_file), "--init_from=resume"]
-    if resume_nproc == 2:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node=2",
-                "train_small.py",
-                *args,
-            ],
-            env=ENV,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    else:
-        proc = subprocess.run(
-            [sys.executable, "train_small.py", *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
-        )
+    proc = torchrun(ROOT / "train_small.py", *args, nproc=resume_nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(run_dir.glob("resume/.*.tmp*"))
     resumed = resume_state(run_dir)
     exact = resume_nproc == 2  # the same two ranks redo the same steps; one process sums in another order
-    for k, v in reference["model"].items():
-        assert torch.equal(resumed["model"][k], v) if exact else torch.allclose(resumed["model"][k], v, atol=1e-4), k
-    for name in ("ema", "swa", "lawa"):
-        assert (
-            resumed["averagers"][name]["slot_steps" if name == "lawa" else "decay" if name == "ema" else "num_averaged"]
-            == (
-                reference["averagers"][name][
-                    "slot_steps" if name == "lawa" else "decay" if name == "ema" else "num_averaged"
-                ]
-            )
-        )
-        for k, v in reference["averagers"][name]["tensors"]["weights" if name != "lawa" else "slot0"].items():
-            got = resumed["averagers"][name]["tensors"]["weights" if name != "lawa" else "slot0"][k]
-            assert torch.equal(got, v) if exact else torch.allclose(got, v, atol=1e-4), (name, k)
+    same = torch.equal if exact else lambda a, b: torch.allclose(a, b, atol=1e-4)
+    assert all(same(resumed["model"][k], v) for k, v in reference["model"].items())
+    for name, counter in COUNTER.items():
+        assert resumed["averagers"][name][counter] == reference["averagers"][name][counter], name
+        for buffer, tensors in reference["averagers"][name]["tensors"].items():
+            assert all(same(resumed["averagers"][name]["tensors"][buffer][k], v) for k, v in tensors.items()), name
 
 
 def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path, data_dir):
