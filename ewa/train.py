@@ -260,8 +260,9 @@ class Trainer:
                 except ValueError as e:
                     raise ConfigError(f"{path}: {e}") from None
                 restored.add(name)
-            elif self.rt.master:  # e.g. saved under the other `parallel`, whose shares differ
-                print(f"note: the checkpoint has no {name} state of this layout; {name} starts at step {meta['step']}")
+            elif self.rt.master:
+                other = " of this layout (it was saved under the other `parallel`)" if name in meta["averagers"] else ""
+                print(f"note: the checkpoint has no {name} state{other}; {name} starts at step {meta['step']}")
         dropped = tuple(f"averagers.{name}." for name in self.averaging.averagers.keys() - restored)
         wanted = {k: t for k, t in tensors.items() if not k.startswith(dropped)}
         load_into(path, wanted)
