@@ -1,12 +1,19 @@
 """The paper's whole story in one command, on a CPU in minutes (``reproduce.py``):
 
-1. the original run at a high learning rate, with EMA and online LAWA, saving snapshots;
+1. the original run at a high learning rate, with online LAWA of the first (k, nu), the EMA of
+   the paper's decay and the EMA of the same mean age as that LAWA window (the horizon-matched
+   EMA, ``report.horizon_matched_decay``), saving snapshots;
 2. SWA branched from the original's resume checkpoint at 75% of training;
 3. offline LAWA over the snapshots, for each (k, nu) asked for;
 4. beyond the paper: short LR cooldowns branched from the raw checkpoints at a few steps t,
    the baseline for "averaging stands in for learning-rate decay";
 5. optionally the same run at a tenth of the learning rate (the paper's Figure 2);
-6. the report (report.md in the run directory) and the plots (assets/ema_swa.png, assets/lawa.png).
+6. optionally (``--wsd``) merge versus decay: a constant-LR run (warmup, then min_lr =
+   learning_rate), the uniform and 1-sqrt merges of the first (k, nu)'s window ending at a few
+   steps t, against a linear LR cooldown to 0 branched from t over the (k - 1) * nu steps the
+   window spans;
+7. the report (report.md in the run directory) and the plots (assets/ema_swa.png, assets/lawa.png,
+   and assets/wsd.png with --wsd).
 
 Finished stages are recorded in <out>/stages.json with their settings and reused by a re-run
 with the same settings; an interrupted training stage resumes from its last checkpoint;
@@ -29,6 +36,7 @@ from ewa import lawa_cli, report, train
 from ewa.checkpoint import CheckpointError, atomic_write_text, list_checkpoints
 from ewa.config import ConfigError, TrainConfig, load_config
 from ewa.data import DataError
+from ewa.merge import WindowPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +50,8 @@ class Settings:
     cooldown_at: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     cooldown_fraction: float = 0.1  # cooldown length as a fraction of t
     lr_compare: bool = False
+    wsd: bool = False
+    wsd_at: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # where merges meet cooldowns
     fresh: bool = False
     assets: str = "assets"
 
@@ -109,14 +119,16 @@ def train_stage(stages: Stages, name: str, cfg: TrainConfig, source: dict | None
     return run_dir
 
 
-def lawa_stage(stages: Stages, run_dir: Path, cfg: TrainConfig, k: int, nu: int) -> None:
-    settings = {"k": k, "nu": nu, "interval": cfg.lawa_interval, "source": cfg.to_dict()}
-    name = f"lawa_k{k}_nu{nu}"
+def lawa_stage(stages: Stages, run_dir: Path, cfg: TrainConfig, k: int, nu: int, weights: str = "uniform") -> None:
+    """lawa.py over the run's raw snapshots: ``<run>/lawa_k<k>_nu<nu>[_<weights>].jsonl``."""
+    settings = {"k": k, "nu": nu, "interval": cfg.lawa_interval, "weights": weights, "source": cfg.to_dict()}
+    name = WindowPlan(k, nu, cfg.lawa_interval, weights=weights).name()
     if stages.done(f"{run_dir.name}/{name}", settings) and (run_dir / f"{name}.jsonl").exists():
         print(f"reusing {run_dir / name}.jsonl")
         return
     wandb = ["--wandb_log"] if cfg.wandb_log else []  # into the training run's wandb run
-    lawa_cli.run(lawa_cli.parse_args([str(run_dir), f"--k={k}", f"--nu={nu}", f"--interval={cfg.lawa_interval}", *wandb]))
+    flags = [f"--k={k}", f"--nu={nu}", f"--interval={cfg.lawa_interval}", f"--weights={weights}", *wandb]
+    lawa_cli.run(lawa_cli.parse_args([str(run_dir), *flags]))
     stages.mark(f"{run_dir.name}/{name}", settings)
 
 
@@ -126,14 +138,56 @@ def branch_steps(cfg: TrainConfig, fractions: list[float]) -> list[int]:
     return sorted({min(grid, key=lambda s: abs(s - f * cfg.max_steps)) for f in fractions})
 
 
+def branch_config(cfg: TrainConfig, run_dir: Path, t: int, steps: int, name: str, **changes: Any) -> TrainConfig:
+    """``cfg`` continued from ``run_dir``'s resume checkpoint at step ``t`` for ``steps`` more
+    steps, on the original's LR schedule, into ``<run_dir>-<name>``."""
+    return cfg.replace(
+        init_from=str(run_dir), branch_step=t, max_steps=t + steps, lr_decay_steps=cfg.decay_steps(),
+        out_dir=f"{run_dir}-{name}", lawa_online=False, wandb_run_name=name, **changes,
+    )
+
+
+def cooldown_config(cfg: TrainConfig, run_dir: Path, t: int, steps: int, eval_interval: int) -> TrainConfig:
+    """A linear LR cooldown to 0 over ``steps`` steps, branched from the raw checkpoint at ``t``."""
+    return branch_config(cfg, run_dir, t, steps, f"cooldown-{t}", cooldown_steps=steps, eval_interval=eval_interval,
+                         ckpt_interval=steps, resume_interval=steps)
+
+
+def with_matched_ema(cfg: TrainConfig, k: int, nu: int) -> str:
+    """``ema_decays`` plus the decay of the same mean age as the (k, nu) window, unless kept."""
+    decay = float(f"{report.horizon_matched_decay(k, nu, cfg.lawa_weights):g}")
+    if decay in cfg.emas().values():
+        return cfg.ema_decays
+    return ",".join(d for d in (cfg.ema_decays, f"{decay:g}") if d)
+
+
 def original_config(s: Settings) -> TrainConfig:
     cfg = load_config(ROOT / s.config if not Path(s.config).is_absolute() else s.config, s.overrides)
-    # online LAWA with the first (k, nu); every eval step keeps a resume checkpoint to branch from
+    # online LAWA and the horizon-matched EMA with the first (k, nu); every eval step keeps a
+    # resume checkpoint to branch from
     k, nu = s.lawa[0]
     return cfg.replace(
-        out_dir=str(Path(s.out) / "run"), lawa_online=True, lawa_k=k, lawa_nu=nu,
+        out_dir=str(Path(s.out) / "run"), lawa_online=True, lawa_k=k, lawa_nu=nu, ema_decays=with_matched_ema(cfg, k, nu),
         resume_interval=cfg.eval_interval, keep_resume=0, wandb_run_name=cfg.wandb_run_name or "original",
     )
+
+
+def wsd_stage(stages: Stages, s: Settings, cfg: TrainConfig) -> str:
+    """Merge versus decay: the constant-LR run, its uniform and 1-sqrt merges, and a cooldown
+    over the window's span from each of the ``wsd_at`` steps; returns the report's section."""
+    k, nu = s.lawa[0]
+    span = (k - 1) * nu
+    constant = cfg.replace(out_dir=str(Path(s.out) / "wsd"), min_lr=cfg.learning_rate, lawa_online=False,
+                           wandb_run_name="wsd")
+    run_dir = train_stage(stages, "wsd", constant)
+    for weights in ("uniform", "1-sqrt"):
+        lawa_stage(stages, run_dir, constant, k, nu, weights)
+    for t in branch_steps(constant, s.wsd_at):
+        train_stage(stages, f"wsd-cooldown-{t}", cooldown_config(constant, run_dir, t, span, nu), source=constant.to_dict())
+    run = report.load_run(run_dir)
+    for folder in (run_dir, Path(s.assets)):
+        report.plot_wsd(run, folder / "wsd.png")
+    return report.wsd_text(run, constant.learning_rate) + "\n\n![Merge versus decay](../wsd/wsd.png)"
 
 
 def run_pipeline(s: Settings) -> str:
@@ -141,7 +195,7 @@ def run_pipeline(s: Settings) -> str:
     stages = Stages(Path(s.out), s.fresh)
     cfg = original_config(s)
     prepare_data(cfg)
-    n = 4 + bool(s.cooldown_at) + s.lr_compare
+    n = 4 + bool(s.cooldown_at) + s.lr_compare + s.wsd
     _say(f"[1/{n}] original run: {cfg.n_layer} layers x {cfg.n_embd} wide, lr {cfg.learning_rate:g}, {cfg.max_steps} steps")
     run_dir = train_stage(stages, "original", cfg)
     _say(f"[2/{n}] SWA from step {cfg.swa_start_step()} ({cfg.swa_start:.0%} of training)")
@@ -155,14 +209,9 @@ def run_pipeline(s: Settings) -> str:
         _say(f"[{step}/{n}] LR cooldowns to 0 over {s.cooldown_fraction:.0%} of t, from the raw checkpoint at t")
         for t in branch_steps(cfg, s.cooldown_at):
             c = max(1, round(s.cooldown_fraction * t))
-            branch = cfg.replace(
-                init_from=str(run_dir), branch_step=t, max_steps=t + c, cooldown_steps=c, lr_decay_steps=cfg.decay_steps(),
-                out_dir=f"{run_dir}-cooldown-{t}", lawa_online=False, eval_interval=c, ckpt_interval=c, resume_interval=c,
-                wandb_run_name=f"cooldown-{t}",
-            )
-            train_stage(stages, f"cooldown-{t}", branch, source=cfg.to_dict())
+            train_stage(stages, f"cooldown-{t}", cooldown_config(cfg, run_dir, t, c, c), source=cfg.to_dict())
         step += 1
-    extra = ""
+    extras = []
     if s.lr_compare:
         low = cfg.replace(
             learning_rate=cfg.learning_rate / 10, min_lr=cfg.min_lr / 10, swa_lr=cfg.swa_lr / 10,
@@ -174,12 +223,16 @@ def run_pipeline(s: Settings) -> str:
         lawa_stage(stages, low_dir, low, k, nu)
         high_run, low_run = report.load_run(run_dir), report.load_run(low_dir)
         name = f"LAWA k={k} nu={nu}"
-        extra = report.lr_compare_text(high_run, low_run, cfg.learning_rate, low.learning_rate, name)
-        extra += "\n\n![LR comparison](lr_compare.png)"
+        extras += [report.lr_compare_text(high_run, low_run, cfg.learning_rate, low.learning_rate, name),
+                   "![LR comparison](lr_compare.png)"]
         for folder in (run_dir, Path(s.assets)):
             report.plot_lr_compare(high_run, low_run, folder / "lr_compare.png", name)
+        step += 1
+    if s.wsd:
+        _say(f"[{step}/{n}] merge versus decay: a constant-LR run, its merges, and cooldowns from {s.wsd_at} of it")
+        extras.append(wsd_stage(stages, s, cfg))
     _say(f"[{n}/{n}] report")
-    text = report.write_report(run_dir, s.assets, extra)
+    text = report.write_report(run_dir, s.assets, "\n\n".join(extras))
     print(text)
     print(f"wrote {run_dir / 'report.md'} and plots in {run_dir} and {s.assets}/ in {time.perf_counter() - t0:.0f} s")
     return text
@@ -206,11 +259,15 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--cooldown_at", type=_fractions, default=d.cooldown_at, help="fractions of training to branch cooldowns at, or ''")
     p.add_argument("--cooldown_fraction", type=float, default=d.cooldown_fraction, help="cooldown length / t (default: %(default)s)")
     p.add_argument("--lr_compare", action="store_true", help="also run at a tenth of the learning rate (Figure 2)")
+    p.add_argument("--wsd", action="store_true",
+                   help="also merge versus decay: a constant-LR run, its uniform and 1-sqrt merges against cooldowns")
+    p.add_argument("--wsd_at", type=_fractions, default=d.wsd_at,
+                   help="fractions of training where --wsd compares merges and cooldowns (default: 0.25,0.5,0.75)")
     p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
     p.add_argument("--assets", default=d.assets, help="where the plots are copied (default: %(default)s)")
     args, overrides = p.parse_known_args(argv)
     return Settings(args.config, args.out, overrides, args.lawa, args.cooldown_at, args.cooldown_fraction,
-                    args.lr_compare, args.fresh, args.assets)
+                    args.lr_compare, args.wsd, args.wsd_at, args.fresh, args.assets)
 
 
 def main(argv: list[str] | None = None) -> None:

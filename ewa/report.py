@@ -1,5 +1,17 @@
 """The comparison report of a run: val loss of Original, EMA, SWA and LAWA at each eval step,
-LAWA's gain at 25/50/75/100% of training, the steps LAWA saves, and the paper-style plots.
+LAWA's gain at 25/50/75/100% of training, the steps LAWA saves, LAWA against EMA at the
+paper's decay and at a matched horizon, and the paper-style plots.
+
+**Horizon-matched EMA.** An EMA updated every step with decay d gives the weights of j steps
+ago the coefficient (1 - d) d^j: their mean age is d / (1 - d) steps. A LAWA window's members
+are (k - i) nu steps old with coefficients c_i (``ewa.merge.merge_weights``): mean age
+sum_i c_i (k - i) nu, which is (k - 1) nu / 2 for the uniform window. The horizon-matched EMA
+has the window's mean age: d = a / (1 + a) (``horizon_matched_decay``). Why the mean age: on a
+trajectory moving at a steady velocity v, any average whose coefficients sum to 1 lags the
+newest weights by v times its mean age, so two averages of equal mean age sit at the same point
+of the path, and what is left to compare is the shape of their weights: how much noise each
+removes. (For the uniform window it is also the classic alpha = 2 / (N + 1) of an N-point moving
+average, N = (k - 1) nu + 1 steps.)
 
 Works on any run directory of this project; siblings are found by name:
     <run>/metrics.jsonl              Original ("raw"), EMA, online LAWA
@@ -20,10 +32,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ewa.checkpoint import atomic_write, atomic_write_text
+from ewa.config import config_from_dict
 from ewa.logger import read_metrics
+from ewa.merge import merge_weights
 
 Curve = dict[int, float]  # step -> val loss
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+
+def mean_age(k: int, nu: int, weights: str = "uniform") -> float:
+    """Mean age in steps of a LAWA window's members, weighted by the merge's coefficients."""
+    return nu * sum(c * (k - i) for i, c in enumerate(merge_weights(weights, k), 1))
+
+
+def ema_age(decay: float) -> float:
+    """Mean age in steps of an EMA updated every step: sum_j j (1 - d) d^j = d / (1 - d)."""
+    return decay / (1 - decay)
+
+
+def horizon_matched_decay(k: int, nu: int, weights: str = "uniform") -> float:
+    """The EMA decay whose mean age equals the LAWA window's: d / (1 - d) = mean_age(k, nu)."""
+    age = mean_age(k, nu, weights)
+    return age / (1 + age)
+
+
+@dataclass
+class Horizon:
+    """The run's LAWA window and the EMA of the same mean age, when the run keeps one."""
+
+    lawa: str  # the LAWA curve, e.g. "LAWA k=5 nu=10"
+    age: float  # the mean age of its members, in steps
+    decay: float  # the horizon-matched decay
+    ema: str | None  # the run's EMA curve within 1% of that mean age
 
 
 @dataclass
@@ -31,11 +71,20 @@ class RunCurves:
     run_dir: Path
     max_steps: int
     tokens_per_step: int
-    curves: dict[str, Curve]  # "Original", "EMA", "SWA", "LAWA k=5 nu=200", ...
-    cooldowns: dict[int, dict]  # branch step -> {"steps": extra steps, "loss": final val loss}
+    curves: dict[str, Curve]  # "Original", "EMA", "EMA 0.952381", "SWA", "LAWA k=5 nu=200", ...
+    cooldowns: dict[int, dict]  # branch step -> {"steps": extra steps, "loss": final val loss, "curve": its evals}
+    ema_decays: dict[str, float]  # EMA curve -> its decay
+    horizon: Horizon
 
     def lawa_names(self) -> list[str]:
         return [n for n in self.curves if n.startswith("LAWA")]
+
+    def ema_names(self) -> list[str]:
+        return [n for n in self.curves if n in self.ema_decays]
+
+    def label(self, name: str) -> str:
+        """A curve's column header: the horizon-matched EMA says so."""
+        return f"{name} (horizon-matched)" if name == self.horizon.ema else name
 
 
 def _eval_curves(metrics: Path) -> dict[str, Curve]:
@@ -55,8 +104,9 @@ def load_run(run_dir: str | Path) -> RunCurves:
     config = json.loads((run_dir / "config.json").read_text())
     own = _eval_curves(run_dir / "metrics.jsonl")
     curves = {"Original": own.get("raw", {})}
-    if "ema" in own:
-        curves["EMA"] = own["ema"]
+    emas = {name: d for name, d in config_from_dict(config).emas().items() if name in own}
+    curves |= {_ema_name(name): own[name] for name in emas}
+    decays = {_ema_name(name): d for name, d in emas.items()}
     swa = _eval_curves(run_dir.with_name(run_dir.name + "-swa") / "metrics.jsonl").get("swa")
     if swa:
         curves["SWA"] = swa
@@ -71,7 +121,19 @@ def load_run(run_dir: str | Path) -> RunCurves:
     )
     if "lawa" in own and online not in curves:  # offline figures equal online ones: show one
         curves[online] = own["lawa"]
-    return RunCurves(run_dir, config["max_steps"], config["tokens_per_step"], curves, _cooldowns(run_dir))
+    horizon = _horizon(online, config["lawa_k"], config["lawa_nu"], weights, decays)
+    return RunCurves(run_dir, config["max_steps"], config["tokens_per_step"], curves, _cooldowns(run_dir), decays, horizon)
+
+
+def _ema_name(name: str) -> str:
+    """``ema`` (the paper's decay) -> "EMA"; ``ema_0.99`` -> "EMA 0.99"."""
+    return "EMA" + name[3:].replace("_", " ")
+
+
+def _horizon(lawa: str, k: int, nu: int, weights: str, decays: dict[str, float]) -> Horizon:
+    age = mean_age(k, nu, weights)
+    matched = [n for n, d in decays.items() if abs(ema_age(d) - age) <= 0.01 * max(age, 1.0)]
+    return Horizon(lawa, age, age / (1 + age), matched[0] if matched else None)
 
 
 def _lawa_order(path: Path) -> tuple[int, int, str]:
@@ -90,7 +152,7 @@ def _cooldowns(run_dir: Path) -> dict[int, dict]:
         cfg = json.loads(config_file.read_text())
         start = cfg["max_steps"] - cfg["cooldown_steps"]
         if cfg["max_steps"] in evals:
-            found[start] = {"steps": cfg["cooldown_steps"], "loss": evals[cfg["max_steps"]]}
+            found[start] = {"steps": cfg["cooldown_steps"], "loss": evals[cfg["max_steps"]], "curve": evals}
     return dict(sorted(found.items()))
 
 
@@ -139,7 +201,7 @@ def steps_saved(original: Curve, lawa: Curve) -> dict:
 def markdown_table(run: RunCurves) -> str:
     names = list(run.curves)
     steps = sorted(set().union(*(c.keys() for c in run.curves.values())))
-    lines = ["| step | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    lines = ["| step | " + " | ".join(map(run.label, names)) + " |", "|---:|" + "---:|" * len(names)]
     for s in steps:
         cells = [f"{run.curves[n][s]:.4f}" if s in run.curves[n] else "" for n in names]
         best = min((run.curves[n][s], n) for n in names if s in run.curves[n])[1]
@@ -168,6 +230,28 @@ def summary(run: RunCurves) -> str:
     return "\n".join(out)
 
 
+def horizon_table(run: RunCurves) -> str:
+    """LAWA against each EMA of the run, the paper's decay and the horizon-matched one among
+    them: EMA minus LAWA val loss at 25/50/75/100% of training (positive: LAWA is lower)."""
+    h = run.horizon
+    if h.lawa not in run.curves or not run.ema_names():
+        return ""
+    rows = {n: gains_at_fractions(run.curves[n], run.curves[h.lawa], run.max_steps) for n in run.ema_names()}
+    first = next(iter(rows.values()))
+    header = "| EMA | decay | mean age (steps) | " + " | ".join(f"{int(100 * r['fraction'])}% (step {r['step']})" for r in first)
+    lines = [header + " |", "|---|---:|---:|" + "---:|" * len(first)]
+    for name, gains in rows.items():
+        d = run.ema_decays[name]
+        cells = " | ".join(f"{r['gain']:+.4f}" for r in gains)
+        lines.append(f"| {run.label(name)} | {d:g} | {ema_age(d):.1f} | {cells} |")
+    kept = f"the run keeps it as {h.ema}" if h.ema else f"train with --ema_decays={h.decay:g} to compare with it"
+    note = (
+        f"{h.lawa} averages weights of mean age {h.age:g} steps; an EMA of decay d, d/(1−d) steps. The "
+        f"horizon-matched decay is {h.decay:g} ({kept}). Each cell: EMA minus {h.lawa} val loss (positive: LAWA is lower)."
+    )
+    return note + "\n\n" + "\n".join(lines)
+
+
 def cooldown_table(run: RunCurves) -> str:
     """Beyond the paper: LAWA at t (no extra training) vs an LR cooldown started from the raw
     checkpoint at t (extra steps), the baseline for 'averaging stands in for LR decay'."""
@@ -189,6 +273,36 @@ def cooldown_table(run: RunCurves) -> str:
     return "\n".join(lines)
 
 
+def wsd_text(run: RunCurves, lr: float) -> str:
+    """Merge versus decay on a constant-LR run: at each cooldown's branch step t, the merges of
+    the window ending at t (and the horizon-matched EMA) against the cooldown from t, each with
+    the step at which the constant-LR run first reaches its loss."""
+    original = run.curves["Original"]
+    names = run.lawa_names() + ([run.horizon.ema] if run.horizon.ema else [])
+    spans = {cd["steps"] for cd in run.cooldowns.values()}
+    lines = [
+        "| t | constant LR at t | " + " | ".join(f"{run.label(n)} at t" for n in names) + " | cooldown from t |",
+        "|---:|---:|" + "---:|" * len(names) + "---:|",
+    ]
+    for t, cd in run.cooldowns.items():
+        later = {s: v for s, v in original.items() if s >= t}
+        cells = [_reached(later, run.curves[n][t]) if t in run.curves[n] else "" for n in names]
+        lines.append(f"| {t} | {original[t]:.4f} | " + " | ".join(cells) + f" | {_reached(later, cd['loss'])} |")
+    note = (
+        f"A run at a constant learning rate of {lr:g} after warmup (min_lr = learning_rate). At each t, the "
+        f"merges of the window ending at t cost no extra step; the cooldown decays the LR linearly from {lr:g} to 0 "
+        f"over {' / '.join(map(str, sorted(spans)))} more steps (the steps the window spans), from the raw "
+        "checkpoint at t. Each cell: val loss, and (≈ step) the step at which the constant-LR run first reaches "
+        f"it (> {max(original)}: not within the run)."
+    )
+    return "## Merge versus decay (constant learning rate)\n\n" + note + "\n\n" + "\n".join(lines)
+
+
+def _reached(curve: Curve, loss: float) -> str:
+    step = first_step_reaching(curve, loss)
+    return f"{loss:.4f} ({'> ' + str(max(curve)) if step is None else f'≈ {step:.0f}'})"
+
+
 def render(run: RunCurves, extra: str = "") -> str:
     parts = [
         f"# Report: {run.run_dir}",
@@ -198,6 +312,9 @@ def render(run: RunCurves, extra: str = "") -> str:
         "## Summary",
         summary(run) or "No LAWA curve found (run lawa.py on this run, or train with lawa_online=True).",
     ]
+    horizon = horizon_table(run)
+    if horizon:
+        parts += ["## LAWA against EMA at the paper's decay and at a matched horizon", horizon]
     cooldown = cooldown_table(run)
     if cooldown:
         parts += ["## LAWA vs an LR cooldown from the same checkpoint", cooldown]
@@ -256,13 +373,54 @@ def _plot(
 
 
 def plot_ema_swa(run: RunCurves, path: Path) -> None:
-    keep = {n: run.curves[n] for n in ("Original", "EMA", "SWA") if n in run.curves}
+    keep = {n: run.curves[n] for n in ("Original", *run.ema_names(), "SWA") if n in run.curves}
     _plot(keep, path, "Original vs EMA vs SWA", run.tokens_per_step)
 
 
 def plot_lawa(run: RunCurves, path: Path) -> None:
     keep = {"Original": run.curves["Original"], **{n: run.curves[n] for n in run.lawa_names()}}
     _plot(keep, path, "Original vs LAWA", run.tokens_per_step)
+
+
+def plot_wsd(run: RunCurves, path: Path) -> None:
+    """Left: the constant-LR run, its merges and each cooldown over steps. Right: at each
+    cooldown's branch step t, every candidate minus the constant-LR run at t."""
+    from matplotlib.figure import Figure
+
+    original, ts = run.curves["Original"], list(run.cooldowns)
+    names = run.lawa_names() + ([run.horizon.ema] if run.horizon.ema else [])
+    fig = Figure(figsize=(11, 4), dpi=120)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    steps = sorted(s for s in original if s > 0)
+    left.plot(steps, [original[s] for s in steps], color="black", lw=1.6, label="constant LR")
+    for i, name in enumerate(names):
+        curve = run.curves[name]
+        left.plot(sorted(curve), [curve[s] for s in sorted(curve)], marker="o", ms=3, lw=1.2, color=f"C{i}", label=name)
+    cooldown = f"C{len(names)}"
+    for t, cd in run.cooldowns.items():
+        left.plot(*zip(*sorted({t: original[t], **cd["curve"]}.items())), color=cooldown, lw=2,
+                  label="cooldown from t" if t == ts[0] else None)
+    shown = [v for s, v in original.items() if s >= min(ts, default=0)] + [cd["loss"] for cd in run.cooldowns.values()]
+    low, high = min(shown), max(shown)
+    left.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    left.set_xlabel(f"training step ({run.tokens_per_step:,} tokens each)")
+    left.set_ylabel("validation loss")
+    left.set_title("Merge versus decay at a constant learning rate")
+    left.legend(fontsize=8)
+    deltas = {n: {t: run.curves[n][t] - original[t] for t in ts if t in run.curves[n]} for n in names}
+    deltas["cooldown from t"] = {t: cd["loss"] - original[t] for t, cd in run.cooldowns.items()}
+    width = 0.8 / len(deltas)
+    for i, (name, delta) in enumerate(deltas.items()):
+        x = [ts.index(t) + (i - (len(deltas) - 1) / 2) * width for t in delta]
+        right.bar(x, list(delta.values()), width, color=f"C{i}", label=name)
+    right.set_xticks(range(len(ts)), [str(t) for t in ts])
+    right.axhline(0, color="gray", lw=0.8)
+    right.set_xlabel("t")
+    right.set_ylabel("val loss minus constant LR at t")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def plot_lr_compare(high: RunCurves, low: RunCurves, path: Path, lawa_name: str) -> None:
