@@ -8,7 +8,8 @@
 - diversity (section 2.2): how often two checkpoints' top-1 next-token predictions differ on
   the same held-out positions;
 - loss spikes (section 4.3): steps where the raw val loss jumps above its own recent trend,
-  and whether the LAWA curve jumps there too;
+  and whether the LAWA curve jumps there too; and recovery (PMA-init, beyond the paper): the
+  run restarted before a spike from its raw checkpoint and from the LAWA average there;
 - zero-shot (Table 2, for our own runs): the raw, EMA, SWA and LAWA models at a few steps, as
   ``GPT2LMHeadModel`` in memory, through lm-evaluation-harness (``ewa.hf``).
 
@@ -29,7 +30,7 @@ import torch
 
 from ewa.checkpoint import Weights, check_compatible, list_checkpoints, load_weights
 from ewa.evaluate import Evaluator
-from ewa.merge import Merger, Model, Window, plan_windows, stream_averages, streaming_order
+from ewa.merge import Merger, Model, Window, plan_windows, stream_averages, streaming_order, window_members
 from model import GPT
 
 Tensors = dict[str, torch.Tensor]
@@ -305,6 +306,25 @@ def compare_spikes(raw: Series, lawa: Series, window: int, threshold: Threshold)
             }
         )
     return rows
+
+
+def restart_step(spike: int, resume_steps: Iterable[int], snapshot_steps: Iterable[int], k: int, nu: int) -> int:
+    """The latest step before ``spike`` to restart from: one with a resume checkpoint (the
+    optimizer state) and the raw snapshots of its whole LAWA window (k, nu)."""
+    snapshots = set(snapshot_steps)
+    candidates = [t for t in resume_steps if t < spike and set(window_members(t, k, nu)) <= snapshots]
+    if not candidates:
+        raise AnalysisError(
+            f"no step before the spike at {spike} has both a resume checkpoint and the raw snapshots of a LAWA window "
+            f"k={k} nu={nu}: train with resume_interval and ckpt_interval that divide nu (and keep_resume=0), or pass --at"
+        )
+    return max(candidates)
+
+
+def spikes_after(before: Series, after: Series, start: int, window: int, threshold: Threshold) -> list[int]:
+    """The steps past ``start`` where the curve ``after`` spikes, its trend seeded by ``before``."""
+    joined = {**{s: v for s, v in before.items() if s <= start}, **after}
+    return [s for s in find_spikes(joined, window, threshold) if s > start]
 
 
 # ---------------------------------------------------------------------------------------------

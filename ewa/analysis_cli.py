@@ -6,6 +6,7 @@ directory or ``--out_dir``.
     python analyze.py lmc out/tiny --a=100 --b=600                    # appendix A.3, Figure 13
     python analyze.py diversity out/tiny out/tiny-lowlr               # section 2.2
     python analyze.py spikes out/tiny/lawa_k5_nu20.jsonl             # section 4.3
+    python analyze.py recover out/spiky                               # restart before a spike: raw vs LAWA
     python analyze.py zeroshot out/tiny --tasks=TASK,... --include_path=DIR   # Table 2, raw/EMA/SWA/LAWA
 
 With ``--wandb_log`` each logs its figures into the run's wandb run, on an axis of its own.
@@ -34,6 +35,8 @@ from ewa.analysis import (
     default_anchors,
     default_distances,
     find_spikes,
+    restart_step,
+    spikes_after,
     interpolation_curve,
     load_pair,
     loss_barrier,
@@ -45,8 +48,8 @@ from ewa.analysis import (
     steps_at_fractions,
     zero_shot_models,
 )
-from ewa.analysis_plots import plot_ablation, plot_diversity, plot_lmc, plot_spikes
-from ewa.checkpoint import CheckpointError, atomic_write, atomic_write_text
+from ewa.analysis_plots import plot_ablation, plot_diversity, plot_lmc, plot_recovery, plot_spikes
+from ewa.checkpoint import CheckpointError, atomic_write, atomic_write_text, list_checkpoints
 from ewa.config import ConfigError, TrainConfig, config_from_dict
 from ewa.data import DataError, read_meta
 from ewa.evaluate import Evaluator
@@ -54,7 +57,9 @@ from ewa.hf import InputError
 from ewa.lawa_cli import Source, add_eval_options, build_evaluator, open_from_args
 from ewa.logger import log_section, open_wandb, read_metrics
 from ewa.merge import Merger, PlanError, TensorStream, Window, WindowPlan, score_models
+from ewa.pipeline import Stages, branch_config, train_stage
 from ewa.runtime import Runtime, init_runtime
+from ewa.train import resume_dir, snapshot_dir
 from model import GPT
 
 
@@ -401,6 +406,69 @@ def cmd_spikes(args: argparse.Namespace) -> None:
     log_to_wandb(args, path if path.is_dir() else path.parent, "spikes", rows)
 
 
+def run_config(run_dir: Path) -> TrainConfig:
+    saved = run_dir / "config.json"
+    if not saved.exists():
+        raise AnalysisError(f"{saved} not found: pass a training run directory")
+    return config_from_dict(json.loads(saved.read_text()))
+
+
+def cmd_recover(args: argparse.Namespace) -> None:
+    """Restart the run before a spike from its raw checkpoint and from the LAWA average of the
+    window ending there (branches ``<run>-recover-<t>-raw`` and ``-lawa``, reused by a re-run)."""
+    run_dir = Path(args.path)
+    cfg = run_config(run_dir)
+    cfg = cfg.replace(lawa_k=args.k or cfg.lawa_k, lawa_nu=args.nu or cfg.lawa_nu, lawa_weights=args.weights or cfg.lawa_weights)
+    raw = {r["step"]: r["raw"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"}
+    threshold = Threshold.parse(args.threshold)
+    spikes = find_spikes(raw, args.window, threshold)
+    if args.spike is None and not spikes:
+        raise AnalysisError(f"{run_dir}: no spike above its trend by {threshold}: lower --threshold, or pass --spike=<step>")
+    spike = min(spikes) if args.spike is None else args.spike
+    start = args.at if args.at is not None else restart_step(
+        spike, list_checkpoints(resume_dir(run_dir)), list_checkpoints(snapshot_dir(run_dir)), cfg.lawa_k, cfg.lawa_nu)
+    steps = args.steps or min(cfg.max_steps - start, spike - start + 10 * cfg.eval_interval)
+    lawa = f"LAWA k={cfg.lawa_k} ν={cfg.lawa_nu}" + ("" if cfg.lawa_weights == "uniform" else f" {cfg.lawa_weights}")
+    print(f"restarting {run_dir} at step {start}, before the spike at {spike}, for {steps} steps: from the raw "
+          f"checkpoint and from the {lawa} average" + (", with a fresh AdamW state" if args.reset_optimizer else ""))
+    stages = Stages(run_dir, fresh=False)
+    curves = {"original": {s: v for s, v in raw.items() if start <= s <= start + steps}}
+    for weights, label in (("raw", "restart from raw"), ("lawa", f"restart from {lawa}")):
+        name = f"recover-{start}-{weights}" + ("-reset" if args.reset_optimizer else "")
+        branch = branch_config(cfg, run_dir, start, steps, name, branch_weights=weights,
+                               branch_reset_optimizer=args.reset_optimizer, resume_interval=steps)
+        evals = {r["step"]: r["raw"] for r in read_metrics(train_stage(stages, name, branch, cfg.to_dict()) / "metrics.jsonl")
+                 if r.get("kind") == "eval"}
+        curves[label] = {start: raw[start], **evals}  # a raw restart starts from the original's weights at `start`
+    table, records = recovery_table(curves, raw, start, spike, args.window, threshold)
+    replayed = all(curves["restart from raw"].get(s, v) == v for s, v in curves["original"].items())
+    if replayed:  # the restart replays the original's batches from its data position
+        table += "\n\nThe restart from raw equals the original at every step: it replays the same batches."
+    print(table)
+    write_outputs(Path(args.out_dir) if args.out_dir else run_dir, f"recover_{start}", table, records,
+                  plot_recovery(curves, start, spike))
+    log_to_wandb(args, run_dir, f"recover_{start}", [{"step": r["step"], **r["loss"]} for r in records if r["kind"] == "recover"])
+
+
+def recovery_table(curves: dict[str, Series], raw: Series, start: int, spike: int, window: int,
+                   threshold: Threshold) -> tuple[str, list[dict]]:
+    """Val loss of each curve at every eval step from ``start``, then for each the spikes past
+    ``start`` (its trend seeded by the original before ``start``) and the worst loss up to
+    ``window`` evals past the spike."""
+    names, steps = list(curves), sorted(set().union(*curves.values()))
+    rows = [[str(s)] + [fmt(curves[n].get(s)) for n in names] for s in steps]
+    spiked = {n: spikes_after(raw, c, start, window, threshold) for n, c in curves.items()}
+    horizon = sorted(s for s in raw if s > spike)[window - 1 : window] or [max(steps)]
+    worst = {n: max(v for s, v in c.items() if start < s <= horizon[0]) for n, c in curves.items()}
+    rows += [["spikes"] + [", ".join(map(str, spiked[n])) or "none" for n in names],
+             [f"worst ≤ {horizon[0]}"] + [fmt(worst[n]) for n in names],
+             ["last"] + [fmt(curves[n][max(curves[n])]) for n in names]]
+    records = [{"kind": "recover", "step": s, "loss": {n: curves[n][s] for n in names if s in curves[n]}} for s in steps]
+    records += [{"kind": "recover_summary", "curve": n, "start": start, "spike": spike, "spikes": spiked[n],
+                 "worst": worst[n], "last": curves[n][max(curves[n])]} for n in names]
+    return markdown_table(["step"] + names, rows), records
+
+
 # ---------------------------------------------------------------------------------------------
 # zero-shot
 
@@ -516,6 +584,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_output_options(s)
     s.set_defaults(func=cmd_spikes)
+
+    r = sub.add_parser("recover", help="restart before a loss spike from the raw checkpoint and from the LAWA average")
+    r.add_argument("path", help="a training run directory with resume checkpoints and raw snapshots before the spike")
+    r.add_argument("--spike", type=integer(1), help="the spike's eval step (default: the first spike found)")
+    r.add_argument("--at", type=integer(0), help="the restart step (default: the latest before the spike with a "
+                   "resume checkpoint and a complete LAWA window)")
+    r.add_argument("--steps", type=integer(1), help="steps to train each restart (default: to ten evals past the spike)")
+    r.add_argument("--k", type=integer(1), help="LAWA checkpoints per window (default: the run's lawa_k)")
+    r.add_argument("--nu", type=integer(1), help="steps between them (default: the run's lawa_nu)")
+    r.add_argument("--weights", help="the window's weights: uniform (default), 1-sqrt, cosine or ema:<a>")
+    r.add_argument("--reset_optimizer", action="store_true", help="restart both with a fresh AdamW state")
+    r.add_argument("--window", type=integer(1), default=5, help="trend: the median of this many previous evals (default 5)")
+    r.add_argument("--threshold", default="2%", help="a spike exceeds the trend by more than this (default 2%%)")
+    add_output_options(r)
+    r.set_defaults(func=cmd_recover)
 
     z = sub.add_parser("zeroshot", help="zero-shot lm-eval tasks of raw, EMA, SWA and LAWA models (Table 2)")
     z.add_argument("path", help="a run directory (its EMA snapshots, SWA's of <run>-swa), or a folder of checkpoints")

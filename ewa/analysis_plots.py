@@ -103,3 +103,24 @@ def plot_spikes(raw: Series, lawa: Series, rows: list[dict], window: int, lawa_n
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_recovery(curves: dict[str, Series], start: int, spike: int) -> Figure:
+    """Val loss of the original run and of each restart from step ``start``, with the spike."""
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
+    for i, (name, series) in enumerate(curves.items()):
+        ax.plot(list(series), list(series.values()), color=f"C{i}", marker=".", label=name,
+                lw=2.5 if i == 0 else 1.5, alpha=0.6 if i == 0 else 1.0)
+    ax.axvline(start, color="gray", ls=":", lw=1, label=f"restart at {start}")
+    ax.axvline(spike, color="red", ls=":", lw=1, label=f"spike at {spike}")
+    shown = [v for c in curves.values() for s, v in c.items() if math.isfinite(v)] or [0.0, 1.0]
+    low, high = min(shown), max(shown)
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss")
+    ax.set_title("Restarting before a loss spike: raw vs LAWA")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,6 +1,7 @@
 import json
 import math
 import runpy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,10 @@ from ewa.analysis import (
     loss_barrier,
     plan_ablation,
     plan_pairs,
+    restart_step,
     run_ablation,
     run_diversity,
+    spikes_after,
     trend,
 )
 from ewa.analysis_cli import main
@@ -235,7 +238,46 @@ def test_spikes_cli_reads_a_run_with_online_lawa_or_a_lawa_py_file(runs, tmp_pat
     assert rows == compare_spikes(raw, lawa, 1, Threshold(0.001, relative=True))
 
 
-@pytest.mark.parametrize("command", ["ablation", "lmc", "diversity", "spikes"])
+def test_the_restart_step_is_the_latest_before_the_spike_with_optimizer_state_and_a_window():
+    snapshots = range(0, 100, 5)
+    assert restart_step(60, [10, 20, 30, 40, 50, 60], snapshots, k=3, nu=10) == 50
+    assert restart_step(60, [10, 20, 30, 40, 50], [s for s in snapshots if s != 30], k=3, nu=10) == 20
+    with pytest.raises(AnalysisError, match="before the spike at 15 .* k=3 nu=10.*--at"):
+        restart_step(15, [10, 20], snapshots, k=3, nu=10)
+
+
+def test_spikes_after_the_restart_are_judged_against_the_original_before_it():
+    restarted = {30: 3.4, 40: 3.45, 50: 3.2}  # 40 is no spike: the trend is 3.4
+    assert spikes_after(RAW, restarted, 30, 3, Threshold(0.1)) == []
+    assert spikes_after(RAW, {**restarted, 40: 3.9}, 30, 3, Threshold(0.1)) == [40]
+
+
+def test_recover_restarts_from_raw_and_from_the_lawa_average_then_reuses_them(runs, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[0], run_dir)
+    argv = ["recover", str(run_dir), "--spike=30", "--steps=10", f"--out_dir={tmp_path}"]
+    main(argv)
+    original = {r["step"]: r for r in records(run_dir / "metrics.jsonl", "eval")}
+    raw = {r["step"]: r["raw"] for r in records(tmp_path / "run-recover-20-raw" / "metrics.jsonl", "eval")}
+    lawa_dir = tmp_path / "run-recover-20-lawa"
+    lawa = {r["step"]: r["raw"] for r in records(lawa_dir / "metrics.jsonl", "eval")}
+    assert raw[30] == original[30]["raw"]  # the raw restart replays the original bit for bit
+    # the LAWA restart starts from the window (0, 10, 20): its first eval is online LAWA's at 20
+    assert lawa[20] == pytest.approx(original[20]["lawa"], rel=1e-6) and lawa[20] != original[20]["raw"]
+    (start,) = records(lawa_dir / "metrics.jsonl", "start")
+    assert start["branch"]["weights"] == "lawa" and start["branch"]["step"] == 20
+    summary = {r["curve"]: r for r in records(tmp_path / "recover_20.jsonl", "recover_summary")}
+    assert summary["restart from LAWA k=3 ν=10"]["last"] == lawa[30] and summary["original"]["last"] == raw[30]
+    out = capsys.readouterr().out
+    assert "it replays the same batches" in out and (tmp_path / "recover_20.png").stat().st_size > 0
+    main(argv)
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 2 and "eval step" not in out
+    with pytest.raises(SystemExit, match="no spike above its trend by 50%: lower --threshold, or pass --spike"):
+        main(["recover", str(run_dir), "--threshold=50%"])
+
+
+@pytest.mark.parametrize("command", ["ablation", "lmc", "diversity", "spikes", "recover"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
