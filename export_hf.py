@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from ewa.checkpoint import CheckpointError, list_checkpoints
+from ewa.checkpoint import CheckpointError, list_checkpoints, snapshot_kinds
 from ewa.data import DataError, read_meta
 from ewa.hf import InputError, export
 
@@ -34,7 +34,7 @@ def resolve_source(source: Path, step: int | None, kind: str) -> Path:
         return source
     snapshots = list_checkpoints(source / "snapshots" / kind) if (source / "snapshots" / kind).is_dir() else {}
     if not snapshots:
-        raise InputError(f"{source}/snapshots/{kind}: no snapshots; pick --kind among raw, ema, swa of the run")
+        raise InputError(f"{source}/snapshots/{kind}: no snapshots; pick --kind among {', '.join(snapshot_kinds(source))}")
     step = max(snapshots) if step is None else step
     if step not in snapshots:
         raise InputError(f"--step={step}: no such snapshot; {source}/snapshots/{kind} "
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("source", help="a snapshot, an average of lawa.py --save_dir, a run directory, or a nanoGPT ckpt.pt")
     p.add_argument("out_dir", help="the Hugging Face directory to write (must not exist)")
     p.add_argument("--step", type=int, help="for a run directory: the snapshot's step (default: the latest)")
-    p.add_argument("--kind", default="raw", choices=["raw", "ema", "swa"], help="for a run directory: which snapshots")
+    p.add_argument("--kind", default="raw", help="for a run directory: which snapshots: raw (default), ema, ema_<decay>, swa")
     p.add_argument("--data_dir", help="the data the model was trained on: its meta.json names the tokenizer")
     p.add_argument("--tokenizer", choices=["bytes", "gpt2"], help="the tokenizer, instead of --data_dir")
     p.add_argument("--shard_size", type=int, default=5 * 10**9, help="bytes per safetensors shard (default: 5 GB)")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ewa.checkpoint import Weights, check_compatible, list_checkpoints, load_weights
+from ewa.checkpoint import Weights, check_compatible, list_checkpoints, load_weights, snapshot_kinds
 from ewa.evaluate import Evaluator
 from ewa.merge import Merger, Model, Window, plan_windows, stream_averages, streaming_order, window_members
 from model import GPT
@@ -332,12 +332,12 @@ def spikes_after(before: Series, after: Series, start: int, window: int, thresho
 
 
 def averaged_snapshots(run_dir: Path | None) -> dict[str, dict[int, Path]]:
-    """The EMA and SWA snapshots of a run by step: its own, and SWA's from its ``-swa`` branch
-    (where train_swa.py writes)."""
+    """The averaged snapshots of a run by kind and step (ema, ema_<decay>, swa): its own, and
+    SWA's from its ``-swa`` branch (where train_swa.py writes)."""
     if run_dir is None:
         return {}
-    folders = {"ema": [run_dir / "snapshots" / "ema"],
-               "swa": [run_dir / "snapshots" / "swa", run_dir.with_name(run_dir.name + "-swa") / "snapshots" / "swa"]}
+    folders = {kind: [run_dir / "snapshots" / kind] for kind in snapshot_kinds(run_dir) if kind != "raw"}
+    folders["swa"] = [run_dir / "snapshots" / "swa", run_dir.with_name(run_dir.name + "-swa") / "snapshots" / "swa"]
     found: dict[str, dict[int, Path]] = {}
     for kind, candidates in folders.items():
         for folder in candidates:

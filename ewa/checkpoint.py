@@ -361,6 +361,12 @@ def list_checkpoints(folder: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def snapshot_kinds(run_dir: str | os.PathLike) -> list[str]:
+    """The kinds of snapshots a run directory holds: raw, ema, ema_<decay>, swa, ..."""
+    folder = Path(run_dir) / "snapshots"
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
 def is_checkpoint_dir(folder: Path) -> bool:
     """A Hugging Face directory, a complete resume checkpoint (``torch.distributed.checkpoint``
     writes ``.metadata`` last), or a sharded snapshot with every shard written."""

@@ -431,14 +431,21 @@ def _step_label(step: int) -> str:
     return f"{step // 1000}K" if step % 1000 == 0 else str(step)
 
 
+def _base_kind(kind: str) -> str:
+    """``ema_0.99`` -> ``ema``; other kinds are their own."""
+    return "ema" if kind.startswith("ema_") else kind
+
+
 def zero_shot_table(records: list[dict]) -> str:
     """Markdown in the shape of the paper's Table 2, a column per kind of model (LAWA, SWA,
     EMA, Original); the best value of each row in bold."""
-    kinds = [k for k in KIND_COLUMNS if any(r["kind"] == k for r in records)]
+    order = list(KIND_COLUMNS)
+    kinds = sorted({r["kind"] for r in records if _base_kind(r["kind"]) in KIND_COLUMNS},
+                   key=lambda k: (order.index(_base_kind(k)), k))
     rows: dict[tuple[str, int, str], dict[str, dict]] = {}
     for r in records:
         rows.setdefault((r["model"], r["step"], r["task"]), {})[r["kind"]] = r
-    header = ["Model", "Step", "Task", *(KIND_COLUMNS[k] for k in kinds)]
+    header = ["Model", "Step", "Task", *(KIND_COLUMNS.get(k) or f"EMA {k[4:]}" for k in kinds)]
     lines = ["| " + " | ".join(header) + " |", "|---|---:|---|" + "---:|" * len(kinds)]
     for (model, step, task), by_kind in sorted(rows.items()):
         reference = next(by_kind[k] for k in reversed(kinds) if k in by_kind)  # the original's, when scored

@@ -20,7 +20,15 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ewa.checkpoint import CheckpointError, Weights, list_checkpoints, model_config_of, save_safetensors, snapshot_name
+from ewa.checkpoint import (
+    CheckpointError,
+    Weights,
+    list_checkpoints,
+    model_config_of,
+    save_safetensors,
+    snapshot_kinds,
+    snapshot_name,
+)
 from ewa.config import ConfigError, TrainConfig, config_from_dict, read_config_file
 from ewa.data import DataError, eval_windows, fingerprint, open_tokens, read_meta
 from ewa.evaluate import Evaluator
@@ -62,6 +70,8 @@ def open_source(path: str | Path, kind: str = "raw", config: str | None = None, 
     path = Path(path)
     run_dir = path if (path / "snapshots").is_dir() and (path / "config.json").exists() else None
     folder = run_dir / "snapshots" / kind if run_dir else path
+    if run_dir and not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such snapshots; pick --kind among {', '.join(snapshot_kinds(run_dir))}")
     paths = list_checkpoints(folder)
     if not paths:
         raise CheckpointError(f"{folder}: no checkpoints found (expected files named by step, e.g. step_00001000.safetensors)")
@@ -154,7 +164,7 @@ EVAL_OVERRIDES = ("data_dir", "eval_tokens", "eval_batch_size", "device", "dtype
 
 def add_eval_options(p: argparse.ArgumentParser) -> None:
     """Which snapshots to read and how to evaluate them (lawa.py and analyze.py)."""
-    p.add_argument("--kind", default="raw", choices=["raw", "ema", "swa"], help="which snapshots of a run directory")
+    p.add_argument("--kind", default="raw", help="which snapshots of a run directory: raw (default), ema, ema_<decay>, swa")
     p.add_argument("--config", help="config.json of a run, or a config file, for a folder that is not a run")
     p.add_argument("--data_dir", help="evaluation data (default: the run's)")
     p.add_argument("--eval_tokens", type=int, help="held-out tokens (default: the run's)")

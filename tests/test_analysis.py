@@ -289,9 +289,10 @@ def test_every_command_has_help(command, capsys):
 
 @pytest.fixture(scope="module")
 def long_context_run(tmp_path_factory, data_dir) -> Path:
-    """A run with the CPU default's context of 128 bytes, which the Shakespeare tasks fit."""
+    """A run with the CPU default's context of 128 bytes, which the Shakespeare tasks fit, and
+    a second EMA."""
     cfg = tiny_config(tmp_path_factory.mktemp("zeroshot") / "run", data_dir, block_size=128, micro_batch_size=4,
-                      eval_tokens=1024)
+                      eval_tokens=1024, ema_decays="0.99")
     run(cfg)
     return Path(cfg.out_dir)
 
@@ -313,11 +314,12 @@ def test_zero_shot_of_raw_ema_and_lawa_in_memory_equals_the_exported_models(long
     assert all(sorted(choice.split()) == sorted(answer.split()) for choice in question["choices"])
     main(["zeroshot", str(high), f"--tasks={','.join(tasks)}", f"--include_path={tmp_path / 'tasks'}", "--steps=20,40",
           "--batch_size=4", f"--out_dir={tmp_path}"])
-    got = {(r["step"], r["kind"], r["task"]): r["metrics"] for r in records(tmp_path / "zeroshot.jsonl", "raw")
-           + records(tmp_path / "zeroshot.jsonl", "ema") + records(tmp_path / "zeroshot.jsonl", "lawa")}
-    assert set(got) == {(s, k, t) for s in (20, 40) for k in ("raw", "ema", "lawa") for t in tasks}
+    kinds = ("raw", "ema", "ema_0.99", "lawa")
+    got = {(r["step"], r["kind"], r["task"]): r["metrics"] for k in kinds for r in records(tmp_path / "zeroshot.jsonl", k)}
+    assert set(got) == {(s, k, t) for s in (20, 40) for k in kinds for t in tasks}
+    assert got[40, "ema", tasks[1]] != got[40, "ema_0.99", tasks[1]]
     table = (tmp_path / "zeroshot.md").read_text().splitlines()
-    assert table[0] == "| Model | Step | Task | LAWA | EMA | Original |"
+    assert table[0] == "| Model | Step | Task | LAWA | EMA | EMA 0.99 | Original |"
     assert [row.split(" | ")[1:3] for row in table[2:]] == [[str(s), f"{t} ({m})"] for s in (20, 40)
                                                          for t, m in sorted(zip(tasks, ("acc, %", "word_perplexity, lower is better"), strict=True))]
 

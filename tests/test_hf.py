@@ -3,6 +3,7 @@ averages and their writer, and perplexity on held-out text; all offline."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -128,6 +129,11 @@ def test_export_cli_finds_the_snapshot_and_the_tokenizer_of_a_run(tmp_path, data
         export_main([str(average), str(tmp_path / "hf20")])
     with pytest.raises(SystemExit, match=r"--step=15: no such snapshot; .*ema has steps 10\.\.20"):
         export_main([str(run), str(tmp_path / "x"), "--kind=ema", "--step=15"])
+    shutil.copytree(run / "snapshots" / "ema", run / "snapshots" / "ema_0.99")  # a second EMA (ema_decays)
+    export_main([str(run), str(tmp_path / "hf99"), "--kind=ema_0.99"])
+    assert logits_gap(tmp_path / "hf99", run / "snapshots" / "ema_0.99" / "step_00000020.safetensors", 256) <= 1e-5
+    with pytest.raises(SystemExit, match="snapshots/swa: no snapshots; pick --kind among ema, ema_0.99"):
+        export_main([str(run), str(tmp_path / "x"), "--kind=swa"])
     lone = snapshot(random_gpt(False, False), tmp_path / "lone.safetensors")
     with pytest.raises(SystemExit, match="lone.safetensors: no run config .* --data_dir=.* or --tokenizer"):
         export_main([str(lone), str(tmp_path / "y")])

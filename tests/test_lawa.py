@@ -69,6 +69,11 @@ def test_bad_folders_give_errors_naming_the_file(tmp_path, data_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="empty: no checkpoints found"):
         run_lawa(parse_args([str(tmp_path / "empty"), *opts]))
+    run_dir = tmp_path / "run"  # a run directory: --kind names a folder of its snapshots
+    (run_dir / "snapshots" / "ema_0.99").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"snapshots/raw: no such snapshots; pick --kind among ema_0\.99"):
+        run_lawa(parse_args([str(run_dir), *opts]))
     data = paths[20].read_bytes()
     paths[20].write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="step_00000020.safetensors: not a readable safetensors file"):
