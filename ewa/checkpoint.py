@@ -140,11 +140,19 @@ def _load_pickle_safely(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({e}); re-save or remove it") from None
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
 class Weights:
     """A lazy, read-only view of one checkpoint's tensors under normalised names.
 
-    ``get`` reads one tensor at a time (safetensors are memory-mapped), so a caller can
-    stream a model through memory tensor by tensor."""
+    ``get`` reads one tensor at a time into memory of its own (safetensors are read, not
+    mapped), so a caller can stream a model through memory tensor by tensor, and holding k
+    checkpoints open costs nothing until their tensors are asked for."""
 
     def __init__(self, path: str | os.PathLike, hf_names: bool = False):
         """``hf_names``: keep a Hugging Face GPT-2 directory's own tensor names (and layout)
@@ -195,12 +203,22 @@ class Weights:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e}); re-save or remove it") from None
         self._safetensors_metadata = handle.metadata() or {}
         self.nbytes += file.stat().st_size
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
 
-        def read(key: str, handle=handle, file=file) -> torch.Tensor:
-            try:
-                return handle.get_tensor(key)
-            except Exception as e:
-                raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from None
+        def read(key: str, file=file, start=8 + size) -> torch.Tensor:
+            """The tensor read into memory of its own: the file is not mapped, so a reader
+            holding several checkpoints open holds only the tensors it asked for."""
+            info = header[key]
+            begin, end = info["data_offsets"]
+            data = torch.empty(end - begin, dtype=torch.uint8)
+            with open(file, "rb", buffering=0) as f:
+                f.seek(start + begin)
+                got = f.readinto(data.numpy())
+            if got != end - begin or info["dtype"] not in TORCH_DTYPES:
+                raise CheckpointError(f"{file}: tensor {key!r} cannot be read (truncated, or dtype {info['dtype']})")
+            return data.view(TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
 
         for key in keys:
             if not is_attention_mask(key):
@@ -417,10 +435,6 @@ def save_snapshot_shard(
     return path.stat().st_size
 
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -230,7 +230,7 @@ class SlidingSum:
                 if newest:
                     self.exact[name] = t
             elif name not in self.sum:
-                self.sum[name] = t.double() * sign
+                self.sum[name] = t.double() if sign > 0 else t.double().neg_()
             elif sign > 0:
                 self.sum[name].add_(t)  # promoted to float64 element by element, no float64 copy
             else:
@@ -279,7 +279,7 @@ def tensorwise_mean(
             total = last.to(device, torch.float64, copy=True)
             for member in members[:-1]:
                 total += member.get(name).to(device)  # promoted to float64 element by element
-            yield name, (total / len(members)).to(last.dtype)
+            yield name, total.div_(len(members)).to(last.dtype)
             continue
         total = last.to(device, torch.float64, copy=True).mul_(coefficients[-1])
         for member, c in zip(members[:-1], coefficients[:-1], strict=True):
@@ -322,6 +322,19 @@ def available_memory(device: torch.device) -> int:
 # the engine
 
 
+def opener(paths: dict[int, Path], hf_names: bool, stats: IOStats) -> Callable[[int], Weights]:
+    """Opens the checkpoint of a step, counting the files and bytes in ``stats``."""
+
+    def open_step(step: int) -> Weights:
+        w = Weights(paths[step], hf_names=hf_names)
+        stats.files_opened += 1
+        stats.bytes_read += w.nbytes
+        stats.reads_per_step[step] = stats.reads_per_step.get(step, 0) + 1
+        return w
+
+    return open_step
+
+
 class Merger:
     """Averages of windows of checkpoints, each computed the cheaper way, as models to score
     or write.
@@ -347,14 +360,10 @@ class Merger:
         self.weights = weights
         merge_weights(weights, 1)  # a bad name fails here, naming the choices
         self.stats = IOStats()
+        self.open = opener(paths, hf_names, self.stats)
+        # the sum holds the opener, not the Merger: no reference cycle, so a Merger's float64
+        # sum is freed as soon as the Merger is dropped, not at the next garbage collection
         self.sliding = SlidingSum(self.open, self.device)
-
-    def open(self, step: int) -> Weights:
-        w = Weights(self.paths[step], hf_names=self.hf_names)
-        self.stats.files_opened += 1
-        self.stats.bytes_read += w.nbytes
-        self.stats.reads_per_step[step] = self.stats.reads_per_step.get(step, 0) + 1
-        return w
 
     def check(self, steps: Iterable[int]) -> None:
         """Every checkpoint opens and has the first one's tensor names and shapes (read from

@@ -400,7 +400,8 @@ def plot_wsd(run: RunCurves, path: Path) -> None:
     for t, cd in run.cooldowns.items():
         left.plot(*zip(*sorted({t: original[t], **cd["curve"]}.items())), color=cooldown, lw=2,
                   label="cooldown from t" if t == ts[0] else None)
-    shown = [v for s, v in original.items() if s >= min(ts, default=0)] + [cd["loss"] for cd in run.cooldowns.values()]
+    shown = [v for c in (original, *(run.curves[n] for n in names)) for s, v in c.items() if s >= min(ts, default=0)]
+    shown += [cd["loss"] for cd in run.cooldowns.values()]
     low, high = min(shown), max(shown)
     left.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     left.set_xlabel(f"training step ({run.tokens_per_step:,} tokens each)")
