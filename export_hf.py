@@ -42,14 +42,26 @@ def resolve_source(source: Path, step: int | None, kind: str) -> Path:
     return snapshots[step]
 
 
+def run_data_dir(source: Path) -> str | None:
+    """The data_dir of the nearest run config.json beside SOURCE or above it (a relative one is
+    the working directory's, as in training and lawa.py); configs further up are not read."""
+    for config in (p / "config.json" for p in [source, *source.parents]):
+        if not config.is_file():
+            continue
+        try:
+            saved = json.loads(config.read_text())
+        except ValueError as e:
+            raise InputError(f"{config}: not valid JSON ({e}); fix it, or pass --data_dir or --tokenizer") from None
+        if isinstance(saved, dict) and "data_dir" in saved:
+            return saved["data_dir"]
+    return None
+
+
 def tokenizer_name(source: Path, data_dir: str | None, tokenizer: str | None) -> str:
     """``--tokenizer``, else the meta.json of ``--data_dir``, else of the run's data."""
     if tokenizer:
         return tokenizer
-    if data_dir is None:
-        runs = [p for p in [source, *source.parents] if (p / "config.json").exists()]
-        configs = [json.loads((p / "config.json").read_text()) for p in runs]
-        data_dir = next((c["data_dir"] for c in configs if "data_dir" in c), None)
+    data_dir = data_dir or run_data_dir(source)
     if data_dir is None:
         raise InputError(f"{source}: no run config beside it or above it names its data; "
                          "pass --data_dir=<the data it was trained on> or --tokenizer=bytes|gpt2")

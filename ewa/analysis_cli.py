@@ -54,7 +54,7 @@ from ewa.config import ConfigError, TrainConfig, config_from_dict
 from ewa.data import DataError, read_meta
 from ewa.evaluate import Evaluator
 from ewa.hf import InputError
-from ewa.lawa_cli import Source, add_eval_options, build_evaluator, open_from_args
+from ewa.lawa_cli import Source, add_eval_options, add_window_options, build_evaluator, integer, open_from_args
 from ewa.logger import log_section, open_wandb, read_metrics
 from ewa.merge import Merger, PlanError, TensorStream, Window, WindowPlan, score_models
 from ewa.pipeline import Stages, branch_config, train_stage
@@ -66,21 +66,6 @@ from model import GPT
 
 # ---------------------------------------------------------------------------------------------
 # shared plumbing
-
-
-def integer(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer of at least {minimum}")
-        return value
-
-    return parse
 
 
 def int_list(minimum: int) -> Callable[[str], list[int]]:
@@ -478,7 +463,7 @@ def zero_shot_windows(source: Source, args: argparse.Namespace) -> tuple[WindowP
     of the run), on the snapshots' grid."""
     cfg = source.config
     plan = WindowPlan(args.k or cfg.lawa_k, args.nu or cfg.lawa_nu, snapshot_spacing(source.paths), min(source.paths),
-                      steps=tuple(args.steps or ()))
+                      steps=tuple(args.steps or ()), weights=args.weights or cfg.lawa_weights)
     windows = plan.windows(source.paths)
     for w in windows:
         if not w.complete and args.steps:
@@ -493,16 +478,20 @@ def zero_shot_windows(source: Source, args: argparse.Namespace) -> tuple[WindowP
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> None:
+    if args.kind != "raw":
+        raise AnalysisError(f"--kind={args.kind}: zeroshot scores raw, LAWA, EMA and SWA side by side on its own; "
+                            "drop --kind")
     manager = hf.task_manager(args.include_path, args.tasks)  # refuses unknown tasks before any work
     source = open_evaluated(args.path, args)
     plan, windows = zero_shot_windows(source, args)
     snapshots = averaged_snapshots(source.run_dir)
     runtime = init_runtime(source.config.device, source.config.dtype)
-    merger = Merger(source.paths, runtime.device)
+    merger = Merger(source.paths, runtime.device, weights=plan.weights)
     merger.check(s for w in windows for s in w.members)
     tokenizer = hf.tokenizer_for(read_meta(source.config.data_dir)["tokenizer"])
     model = hf.gpt2_model(source.model_config, tokenizer, runtime.device)
-    print(f"zero-shot {args.tasks} at steps {[w.step for w in windows]}: raw, LAWA (k={plan.k}, nu={plan.nu})"
+    lawa = "LAWA" if plan.weights == "uniform" else f"LAWA {plan.weights}"
+    print(f"zero-shot {args.tasks} at steps {[w.step for w in windows]}: raw, {lawa} (k={plan.k}, nu={plan.nu})"
           + "".join(f", {kind.upper()}" for kind in snapshots) + ", as GPT2LMHeadModel in memory")
 
     def load(tensors: TensorStream, origin: str) -> None:
@@ -511,13 +500,16 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
     evaluate = hf.zero_shot(model, tokenizer, args.tasks, manager, args.batch_size, args.limit)
     models = zero_shot_models(merger, windows, snapshots)
     name = str(source.run_dir or source.folder)
-    records = [{"model": name, **r} for r in score_models(models, load, evaluate, {"newest": "raw", "average": "lawa"})]
-    table = hf.zero_shot_table(records)
+    records = [{"model": name, **r, **({"weights": plan.weights} if r["kind"] == "lawa" else {})}
+               for r in score_models(models, load, evaluate, {"newest": "raw", "average": "lawa"})]
+    table = hf.zero_shot_table(records, lawa)
     print(table)
     write_outputs(out_dir(args, source), "zeroshot", table, records, None)
     rows: dict[int, dict] = {}
     for r in records:
         metric = hf.primary_metric(r["metrics"])
+        if metric is None:
+            continue
         rows.setdefault(r["step"], {"step": r["step"]})[f"{r['task']}/{r['kind']}_{metric}"] = r["metrics"][metric]
     log_to_wandb(args, source.run_dir or source.folder, "zeroshot", list(rows.values()))
 
@@ -591,9 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--at", type=integer(0), help="the restart step (default: the latest before the spike with a "
                    "resume checkpoint and a complete LAWA window)")
     r.add_argument("--steps", type=integer(1), help="steps to train each restart (default: to ten evals past the spike)")
-    r.add_argument("--k", type=integer(1), help="LAWA checkpoints per window (default: the run's lawa_k)")
-    r.add_argument("--nu", type=integer(1), help="steps between them (default: the run's lawa_nu)")
-    r.add_argument("--weights", help="the window's weights: uniform (default), 1-sqrt, cosine or ema:<a>")
+    add_window_options(r)
     r.add_argument("--reset_optimizer", action="store_true", help="restart both with a fresh AdamW state")
     r.add_argument("--window", type=integer(1), default=5, help="trend: the median of this many previous evals (default 5)")
     r.add_argument("--threshold", default="2%", help="a spike exceeds the trend by more than this (default 2%%)")
@@ -606,8 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm-eval task names, e.g. shakespeare_word_order,shakespeare_passages")
     z.add_argument("--include_path", help="folder of task YAMLs of your own (e.g. data/shakespeare/tasks)")
     z.add_argument("--steps", type=int_list(0), help="steps to score (default: nearest 25, 50, 75 and 100%% of the run)")
-    z.add_argument("--k", type=integer(1), help="LAWA checkpoints per window (default: the run's lawa_k)")
-    z.add_argument("--nu", type=integer(1), help="steps between them (default: the run's lawa_nu)")
+    add_window_options(z)
     z.add_argument("--limit", type=integer(1), help="examples per task (default: all)")
     z.add_argument("--batch_size", type=integer(1), default=8, help="sequences per forward pass (default: 8)")
     add_analysis_options(z)

@@ -422,9 +422,10 @@ def task_metrics(results: dict) -> dict[str, dict[str, float]]:
     }
 
 
-def primary_metric(metrics: dict[str, float]) -> str:
-    """The figure the paper's Table 2 reports: accuracy, or word perplexity for wikitext."""
-    return next((m for m in PRIMARY_METRICS if m in metrics), None) or next(m for m in metrics if "stderr" not in m)
+def primary_metric(metrics: dict[str, float]) -> str | None:
+    """The figure the paper's Table 2 reports: accuracy, or word perplexity for wikitext (None:
+    the task reported no figure but standard errors)."""
+    return next((m for m in (*PRIMARY_METRICS, *metrics) if m in metrics and "stderr" not in m), None)
 
 
 def _step_label(step: int) -> str:
@@ -436,23 +437,28 @@ def _base_kind(kind: str) -> str:
     return "ema" if kind.startswith("ema_") else kind
 
 
-def zero_shot_table(records: list[dict]) -> str:
+def zero_shot_table(records: list[dict], lawa_label: str = "LAWA") -> str:
     """Markdown in the shape of the paper's Table 2, a column per kind of model (LAWA, SWA,
-    EMA, Original); the best value of each row in bold."""
+    EMA, Original; ``lawa_label`` heads LAWA's, e.g. ``LAWA 1-sqrt``); the best value of each
+    row in bold. Kinds without a column, and tasks that report no figure, are left out."""
     order = list(KIND_COLUMNS)
     kinds = sorted({r["kind"] for r in records if _base_kind(r["kind"]) in KIND_COLUMNS},
                    key=lambda k: (order.index(_base_kind(k)), k))
     rows: dict[tuple[str, int, str], dict[str, dict]] = {}
     for r in records:
         rows.setdefault((r["model"], r["step"], r["task"]), {})[r["kind"]] = r
-    header = ["Model", "Step", "Task", *(KIND_COLUMNS.get(k) or f"EMA {k[4:]}" for k in kinds)]
+    columns = {**KIND_COLUMNS, "lawa": lawa_label}
+    header = ["Model", "Step", "Task", *(columns.get(k) or f"EMA {k[4:]}" for k in kinds)]
     lines = ["| " + " | ".join(header) + " |", "|---|---:|---|" + "---:|" * len(kinds)]
     for (model, step, task), by_kind in sorted(rows.items()):
-        reference = next(by_kind[k] for k in reversed(kinds) if k in by_kind)  # the original's, when scored
-        metric = primary_metric(reference["metrics"])
+        reference = next((by_kind[k] for k in reversed(kinds) if k in by_kind), None)  # the original's, when scored
+        metric = primary_metric(reference["metrics"]) if reference else None
+        if metric is None:
+            continue
         higher = reference["higher_is_better"].get(metric, True)
         scale = 100 if metric in PERCENT_METRICS else 1
-        values = {k: r["metrics"][metric] * scale for k, r in by_kind.items() if metric in r["metrics"]}
+        shown = {k: by_kind[k]["metrics"] for k in kinds if k in by_kind}
+        values = {k: metrics[metric] * scale for k, metrics in shown.items() if metric in metrics}
         best = (max if higher else min)(values.values())
         cells = [
             "" if k not in values else f"**{values[k]:.2f}**" if values[k] == best and len(set(values.values())) > 1

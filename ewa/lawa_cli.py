@@ -162,6 +162,28 @@ def format_table(results: list[dict], skipped: list[Window]) -> str:
 EVAL_OVERRIDES = ("data_dir", "eval_tokens", "eval_batch_size", "device", "dtype")
 
 
+def integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer of at least {minimum}")
+        return value
+
+    return parse
+
+
+def add_window_options(p: argparse.ArgumentParser) -> None:
+    """The LAWA window (lawa.py and analyze.py), each the run's setting by default."""
+    p.add_argument("--k", type=integer(1), help="checkpoints per window (default: the run's lawa_k)")
+    p.add_argument("--nu", type=integer(1), help="steps between the window's checkpoints (default: the run's lawa_nu)")
+    p.add_argument("--weights", help="the merge: uniform, 1-sqrt, cosine or ema:<a> (default: the run's lawa_weights)")
+
+
 def add_eval_options(p: argparse.ArgumentParser) -> None:
     """Which snapshots to read and how to evaluate them (lawa.py and analyze.py)."""
     p.add_argument("--kind", default="raw", help="which snapshots of a run directory: raw (default), ema, ema_<decay>, swa")
@@ -182,12 +204,10 @@ def open_from_args(args: argparse.Namespace, path: str | Path | None = None) -> 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lawa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a run directory, or a folder of checkpoints named by step")
-    p.add_argument("--k", type=int, help="checkpoints per window (default: the run's lawa_k)")
-    p.add_argument("--nu", type=int, help="steps between the window's checkpoints (default: lawa_nu)")
+    add_window_options(p)
     p.add_argument("--interval", type=int, help="steps between windows (default: lawa_interval)")
     p.add_argument("--start", type=int, help="first window step (default: lawa_start)")
     p.add_argument("--end", type=int, help="last window step (default: the last checkpoint)")
-    p.add_argument("--weights", help="the merge: uniform, 1-sqrt, cosine or ema:<a> (default: the run's lawa_weights)")
     add_eval_options(p)
     p.add_argument("--save_dir", help="also write each averaged checkpoint here (safetensors)")
     p.add_argument("--out", help="JSONL of the results (default: <run>/lawa_k<k>_nu<nu>.jsonl)")

@@ -287,6 +287,12 @@ def test_every_command_has_help(command, capsys):
 # -- zero-shot ----------------------------------------------------------------------------------
 
 
+def test_zero_shot_refuses_a_kind_of_snapshots(tmp_path):
+    with pytest.raises(SystemExit, match="--kind=ema: zeroshot scores raw, LAWA, EMA and SWA side by side on its own; "
+                                         "drop --kind"):
+        main(["zeroshot", str(tmp_path), "--tasks=any", "--kind=ema"])
+
+
 @pytest.fixture(scope="module")
 def long_context_run(tmp_path_factory, data_dir) -> Path:
     """A run with the CPU default's context of 128 bytes, which the Shakespeare tasks fit, and
@@ -322,6 +328,18 @@ def test_zero_shot_of_raw_ema_and_lawa_in_memory_equals_the_exported_models(long
     assert table[0] == "| Model | Step | Task | LAWA | EMA | EMA 0.99 | Original |"
     assert [row.split(" | ")[1:3] for row in table[2:]] == [[str(s), f"{t} ({m})"] for s in (20, 40)
                                                          for t, m in sorted(zip(tasks, ("acc, %", "word_perplexity, lower is better"), strict=True))]
+
+    # the same raw snapshots in a run that merges with 1-sqrt: its LAWA is that merge, and says so
+    weighted = tmp_path / "weighted"
+    shutil.copytree(high / "snapshots" / "raw", weighted / "snapshots" / "raw")
+    (weighted / "config.json").write_text(json.dumps({**json.loads((high / "config.json").read_text()),
+                                                      "lawa_weights": "1-sqrt"}))
+    main(["zeroshot", str(weighted), f"--tasks={tasks[1]}", f"--include_path={tmp_path / 'tasks'}", "--steps=40",
+          "--batch_size=4"])
+    raw, lawa = (records(weighted / "zeroshot.jsonl", k) for k in ("raw", "lawa"))
+    assert raw[0]["metrics"] == got[40, "raw", tasks[1]] and lawa[0]["weights"] == "1-sqrt"
+    assert lawa[0]["metrics"]["word_perplexity"] != got[40, "lawa", tasks[1]]["word_perplexity"]
+    assert (weighted / "zeroshot.md").read_text().startswith("| Model | Step | Task | LAWA 1-sqrt | Original |")
 
     # the same models exported to disk and loaded by transformers score the same
     lawa_py(high, "--k=3", "--nu=10", "--interval=20", f"--save_dir={tmp_path / 'avg'}", f"--out={tmp_path / 'l.jsonl'}")

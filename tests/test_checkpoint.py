@@ -132,3 +132,23 @@ def test_our_safetensors_writer_is_read_by_safetensors_itself(tmp_path):
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
     with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
         assert f.metadata() == {"step": "3", "kind": "raw"}
+
+
+def test_unsigned_and_float8_tensors_read_back_bit_for_bit(tmp_path):
+    from safetensors.torch import load_file
+
+    from ewa.checkpoint import write_safetensors
+
+    torch.manual_seed(0)
+    tensors = {f"u{bits}": torch.randint(0, 2**15, (4, 3)).to(getattr(torch, f"uint{bits}")) for bits in (16, 32)}
+    tensors["u64"] = torch.tensor([-1, 5]).view(torch.uint64)  # 2**64 - 1: past int64
+    tensors |= {str(d): torch.randn(4, 3).to(d) for d in (torch.float8_e4m3fn, torch.float8_e5m2)}
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return a.keys() == b.keys() and all(
+            a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+
+    save_file(tensors, tmp_path / "theirs.safetensors")
+    assert same(dict(Weights(tmp_path / "theirs.safetensors").items()), tensors)
+    write_safetensors(tmp_path / "ours.safetensors", tensors, {})
+    assert same(load_file(tmp_path / "ours.safetensors"), tensors)

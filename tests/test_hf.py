@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from export_hf import main as export_main
 from ewa.checkpoint import Weights, save_snapshot
-from ewa.hf import export, load_into, read_held_out, save_hf_average, score
+from ewa.hf import export, load_into, read_held_out, save_hf_average, score, zero_shot_table
 from ewa.merge import tensorwise_mean
 from ewa.tokenizer import GPT2Tokenizer
 from model import GPT, GPTConfig
@@ -140,6 +140,32 @@ def test_export_cli_finds_the_snapshot_and_the_tokenizer_of_a_run(tmp_path, data
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_export_cli_reads_the_nearest_run_config_only_and_takes_the_tokenizer_flags(tmp_path, data_dir, monkeypatch):
+    (tmp_path / "config.json").write_text("{not json")  # not a run's: above the run, never read for it
+    run = tmp_path / "run"
+    (run / "lawa").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data_dir": data_dir.name}))  # of the working directory
+    average = snapshot(random_gpt(False, False), run / "lawa" / "step_00000005.safetensors")
+    monkeypatch.chdir(data_dir.parent)
+    export_main([str(average), str(tmp_path / "hf-run")])
+    assert logits_gap(tmp_path / "hf-run", average, 256) <= 1e-5
+
+    def tokenizer_of(out) -> tuple[str, int]:
+        return json.loads((out / "export.json").read_text())["tokenizer"], len(AutoTokenizer.from_pretrained(out))
+
+    (tmp_path / "loose").mkdir()
+    loose = snapshot(random_gpt(False, False), tmp_path / "loose" / "step_00000005.safetensors")
+    invalid = r"config.json: not valid JSON \(.*\); fix it, or pass --data_dir or --tokenizer$"
+    with pytest.raises(SystemExit, match=invalid):
+        export_main([str(loose), str(tmp_path / "x")])
+    export_main([str(loose), str(tmp_path / "hf-data"), f"--data_dir={data_dir}"])
+    assert tokenizer_of(tmp_path / "hf-data") == ("bytes", 256)
+    bpe = snapshot(random_gpt(False, False, vocab=50304), tmp_path / "loose" / "step_00000010.safetensors")
+    export_main([str(bpe), str(tmp_path / "hf-gpt2"), "--tokenizer=gpt2"])
+    assert tokenizer_of(tmp_path / "hf-gpt2") == ("gpt2", 50257)
+    assert not (tmp_path / "x").exists()
+
+
 # -- Hugging Face averages ------------------------------------------------------------------------
 
 
@@ -190,3 +216,19 @@ def test_perplexity_equals_a_direct_computation(revisions, tokenizer, corpus, tm
     data = read_held_out(tmp_path / "held.jsonl", tokenizer, budget)
     assert data.tokens.tolist() == first + [tokenizer.eos_token_id] + second
     assert data.words == len(docs[0].split()) + len(docs[1].split())
+
+
+# -- the zero-shot table ----------------------------------------------------------------------------
+
+
+def test_zero_shot_table_leaves_out_kinds_without_a_column_and_tasks_without_a_figure():
+    def record(kind: str, task: str, metrics: dict) -> dict:
+        return {"model": "out/run", "step": 20, "kind": kind, "task": task, "metrics": metrics, "higher_is_better": {}}
+
+    records = [record("raw", "a", {"acc": 0.5}), record("lawa", "a", {"acc": 0.6}),
+               record("average", "a", {"acc": 0.9}),  # no column: neither shown nor the best
+               record("average", "b", {"acc": 0.7}),  # a row of kinds without a column
+               record("raw", "c", {"acc_stderr": 0.1})]  # a task without a figure
+    assert zero_shot_table(records, lawa_label="LAWA 1-sqrt").splitlines() == [
+        "| Model | Step | Task | LAWA 1-sqrt | Original |", "|---|---:|---|---:|---:|",
+        "| run | 20 | a (acc, %) | **60.00** | 50.00 |"]

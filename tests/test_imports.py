@@ -12,7 +12,8 @@ from packaging.requirements import Requirement
 import ewa
 from conftest import ROOT
 
-SCRIPTS = ["analyze", "export_hf", "lawa", "pythia_lawa", "report", "reproduce", "train_small", "train_swa"]
+SCRIPTS = ["analyze", "export_hf", "lawa", "model", "pythia_lawa", "report", "reproduce", "train_large", "train_medium",
+           "train_small", "train_swa"]
 
 
 def test_every_module_and_every_import_in_it_resolves():
