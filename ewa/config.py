@@ -39,7 +39,7 @@ class TrainConfig:
     branch_step: int = -1  # with init_from=<run dir>: -1 = the SWA start step for SWA runs, else the latest
     # with init_from=<run dir>: start from the raw weights at branch_step, its EMA snapshot, or the LAWA
     # average of the window ending there (lawa_k, lawa_nu, lawa_weights); the averages then restart from it
-    branch_weights: str = "raw"  # raw | ema | lawa
+    branch_weights: str = "raw"  # raw | ema | lawa | ema_<decay> (the snapshots of one of its ema_decays)
     branch_reset_optimizer: bool = False  # with init_from=<run dir>: fresh AdamW state, not the checkpoint's
     seed: int = 1337
     # -- data -----------------------------------------------------------------------------------
@@ -142,7 +142,11 @@ class TrainConfig:
         )
         self._check(self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode: offline, online or disabled")
         self._check(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")
-        self._check(self.branch_weights in ("raw", "ema", "lawa"), f"branch_weights={self.branch_weights!r}: use raw, ema or lawa")
+        self._check(
+            self.branch_weights in ("raw", "ema", "lawa") or _is_ema_kind(self.branch_weights),
+            f"branch_weights={self.branch_weights!r}: use raw, ema, lawa or ema_<decay> as the run names its "
+            "ema_decays snapshots (e.g. ema_0.99)",
+        )
         self._check(self.averaging_device in ("gpu", "cpu"), f"averaging_device={self.averaging_device!r}: use gpu or cpu")
         self._check(
             not self.lawa_online or self.eval_interval % self.lawa_nu == 0,
@@ -178,7 +182,8 @@ class TrainConfig:
 
     def emas(self) -> dict[str, float]:
         """The EMAs to keep, by name: ``ema`` (ema_decay; when ema=True) and ``ema_<decay>`` for
-        each of ema_decays."""
+        each of ema_decays. A decay given twice (or equal to ema_decay) is one EMA, under its
+        first name: ``ema_decays="0.9,0.99"`` with ema_decay=0.9 keeps ``ema`` and ``ema_0.99``."""
         try:
             extra = [float(d) for d in self.ema_decays.split(",") if d.strip()]
         except ValueError:
@@ -187,8 +192,8 @@ class TrainConfig:
             self._check(0 <= d < 1, f"ema_decays: {d} must be in [0, 1)")
         emas = {"ema": self.ema_decay} if self.ema else {}
         for d in extra:
-            self._check(d not in emas.values(), f"ema_decays: {d} is kept twice")
-            emas[f"ema_{d:g}"] = d
+            if d not in emas.values():
+                emas[f"ema_{d:g}"] = d
         return emas
 
     def sequences_per_step(self) -> int:
@@ -220,6 +225,15 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _is_ema_kind(name: str) -> bool:
+    """``ema_<decay>`` spelled as ``emas`` names it (``ema_0.99``, not ``ema_.99``), with a decay in [0, 1)."""
+    head, _, decay = name.partition("_")
+    try:
+        return head == "ema" and 0 <= float(decay) < 1 and name == f"ema_{float(decay):g}"
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

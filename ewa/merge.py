@@ -79,6 +79,8 @@ def merge_weights(weights: str, n: int) -> list[float]:
         return [c / sum(raw) for c in raw]
     if weights not in PROFILES:
         raise PlanError(f"--weights={weights}: use one of {', '.join(PROFILES)} or ema:<a>")
+    if weights == "uniform":  # exactly 1/n: the differences of 1 - x round for most n
+        return [1.0 / n] * n
     p = PROFILES[weights]
     w = [p((i - 1) / n) for i in range(1, n + 1)] + [0.0]
     return [w[i] - w[i + 1] for i in range(n)]
@@ -235,7 +237,6 @@ class SlidingSum:
                 self.sum[name].add_(t)  # promoted to float64 element by element, no float64 copy
             else:
                 self.sum[name].sub_(t)
-        del w  # drops the file mapping
         (self.members.add if sign > 0 else self.members.discard)(step)
 
     def move_to(self, members: tuple[int, ...], newest: Tensors | None = None) -> None:

@@ -140,10 +140,14 @@ def branch_steps(cfg: TrainConfig, fractions: list[float]) -> list[int]:
 
 def branch_config(cfg: TrainConfig, run_dir: Path, t: int, steps: int, name: str, **changes: Any) -> TrainConfig:
     """``cfg`` continued from ``run_dir``'s resume checkpoint at step ``t`` for ``steps`` more
-    steps, on the original's LR schedule, into ``<run_dir>-<name>``."""
+    steps, on the original's LR schedule, into ``<run_dir>-<name>``. The original's cooldown
+    is kept only by a branch that ends where the original ends: the cooldown is the last
+    cooldown_steps before max_steps, so a shorter branch would cool down where the original
+    did not. ``changes`` may set cooldown_steps (a cooldown branch)."""
+    cooldown = cfg.cooldown_steps if t + steps == cfg.max_steps else 0
     return cfg.replace(
         init_from=str(run_dir), branch_step=t, max_steps=t + steps, lr_decay_steps=cfg.decay_steps(),
-        out_dir=f"{run_dir}-{name}", lawa_online=False, wandb_run_name=name, **changes,
+        out_dir=f"{run_dir}-{name}", lawa_online=False, wandb_run_name=name, **{"cooldown_steps": cooldown, **changes},
     )
 
 
@@ -177,8 +181,8 @@ def wsd_stage(stages: Stages, s: Settings, cfg: TrainConfig) -> str:
     over the window's span from each of the ``wsd_at`` steps; returns the report's section."""
     k, nu = s.lawa[0]
     span = (k - 1) * nu
-    constant = cfg.replace(out_dir=str(Path(s.out) / "wsd"), min_lr=cfg.learning_rate, lawa_online=False,
-                           wandb_run_name="wsd")
+    constant = cfg.replace(out_dir=str(Path(s.out) / "wsd"), min_lr=cfg.learning_rate, cooldown_steps=0,
+                           lawa_online=False, wandb_run_name="wsd")
     run_dir = train_stage(stages, "wsd", constant)
     for weights in ("uniform", "1-sqrt"):
         lawa_stage(stages, run_dir, constant, k, nu, weights)

@@ -95,11 +95,21 @@ def test_first_argument_may_name_another_config_file():
         ({"dtype": "float16"}, "dtype"),
         ({"lawa_online": True, "eval_interval": 50, "lawa_nu": 20}, "multiple of lawa_nu"),
         ({"learning_rate": float("nan")}, "finite"),
+        ({"branch_weights": "swa"}, r"branch_weights='swa': use raw, ema, lawa or ema_<decay>"),
+        ({"branch_weights": "ema_.99"}, r"branch_weights='ema_.99': .*\(e.g. ema_0.99\)"),
+        ({"branch_weights": "ema_1"}, "branch_weights='ema_1'"),
     ],
 )
 def test_post_init_checks(changes, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**{"micro_batch_size": 4, "block_size": 64, "tokens_per_step": 4096, **changes})
+
+
+def test_ema_decays_add_to_the_papers_ema():
+    """The issue's own example: ema_decay=0.9 listed again in ema_decays is the same EMA."""
+    cfg = TrainConfig(ema_decay=0.9, ema_decays="0.9,0.99,0.99", branch_weights="ema_0.99")
+    assert cfg.emas() == {"ema": 0.9, "ema_0.99": 0.99}
+    assert TrainConfig(ema=False, ema_decays="0.9").emas() == {"ema_0.9": 0.9}
 
 
 def test_derived_values():

@@ -9,11 +9,11 @@ from torch.optim.swa_utils import SWALR
 
 from conftest import ROOT, resume_state, tiny_config, write_config_file
 from ewa.checkpoint import list_checkpoints, load_weights
-from ewa.config import ConfigError
+from ewa.config import ConfigError, TrainConfig
 from ewa.logger import read_metrics
 from ewa.runtime import init_runtime
 from ewa.schedule import base_lr
-from ewa.train import Preempted, Trainer, run
+from ewa.train import Preempted, Trainer, branch_average, run
 
 
 def swa_config(out_dir: Path, data_dir: Path, **kw):
@@ -115,18 +115,18 @@ def test_train_swa_script_writes_next_to_the_original(tmp_path, data_dir):
     assert [r["step"] for r in evals] == [20, 30, 40] and all("swa" in r for r in evals)
 
 
-@pytest.mark.parametrize("weights", ["ema", "lawa"])
+@pytest.mark.parametrize("weights", ["ema", "ema_0.5", "lawa"])
 def test_a_branch_starts_from_the_average_it_asked_for(tmp_path, data_dir, weights):
     from ewa.merge import merge_weights
 
-    original = tiny_config(tmp_path / "orig", data_dir, resume_interval=10, lawa_k=3, lawa_nu=10)
+    original = tiny_config(tmp_path / "orig", data_dir, resume_interval=10, lawa_k=3, lawa_nu=10, ema_decays="0.5")
     run(original)
     branch = original.replace(out_dir=str(tmp_path / "branch"), init_from=str(tmp_path / "orig"), branch_step=30,
                               branch_weights=weights, lawa_weights="1-sqrt")
     run(branch)
     first = load_weights(list_checkpoints(tmp_path / "branch" / "snapshots" / "raw")[30])
-    if weights == "ema":
-        want = load_weights(list_checkpoints(tmp_path / "orig" / "snapshots" / "ema")[30])
+    if weights.startswith("ema"):  # the paper-decay EMA, or the extra one of decay 0.5
+        want = load_weights(list_checkpoints(tmp_path / "orig" / "snapshots" / weights)[30])
     else:  # the 1-sqrt merge of steps 10, 20, 30, straight from the formula
         snaps = list_checkpoints(tmp_path / "orig" / "snapshots" / "raw")
         members, c = [load_weights(snaps[s]) for s in (10, 20, 30)], merge_weights("1-sqrt", 3)
@@ -143,6 +143,20 @@ def test_a_branch_starts_from_the_average_it_asked_for(tmp_path, data_dir, weigh
     assert all(torch.equal(now["model"][k], first[k]) for k in saved["meta"]["names"])
     opt_saved, opt_branch = read_optimizer(tmp_path / "orig", 30), read_optimizer(tmp_path / "branch", 30)
     assert opt_saved.keys() == opt_branch.keys() and all(torch.equal(opt_branch[k], v) for k, v in opt_saved.items())
+
+
+def test_a_branch_keeps_the_originals_lr_schedule():
+    """A branch cools down only where the original did (or where a cooldown branch asks to)."""
+    from ewa.pipeline import branch_config, cooldown_config
+    from ewa.schedule import lr_at
+
+    original = TrainConfig(max_steps=100, warmup_steps=5, cooldown_steps=10, eval_interval=10)
+    run_dir = Path("out/orig")
+    for t, steps in ((40, 20), (80, 20)):  # ends before the original's cooldown; ends with it
+        branch = branch_config(original, run_dir, t, steps, "b")
+        assert [lr_at(branch, s) for s in range(t, t + steps)] == [lr_at(original, s) for s in range(t, t + steps)]
+    cooldown = cooldown_config(original, run_dir, 40, 10, 10)
+    assert cooldown.cooldown_steps == 10 and lr_at(cooldown, 49) == pytest.approx(lr_at(original, 40) / 10, rel=1e-12)
 
 
 def read_optimizer(run_dir: Path, step: int) -> dict:
@@ -166,3 +180,5 @@ def test_a_branch_can_reset_the_optimizer(tmp_path, data_dir):
     trainer.close()
     with pytest.raises(ConfigError, match=r"branch_weights=lawa at step 20: .*snapshots/raw has no snapshot at step\(s\) \[-10\]"):
         run(branch.replace(out_dir=str(tmp_path / "b2"), branch_weights="lawa", lawa_k=4, lawa_nu=10, ckpt_interval=100))
+    with pytest.raises(ConfigError, match=r"branch_weights=ema_0.5: .*orig keeps no ema_0.5 snapshots \(its kinds: ema, raw"):
+        branch_average(tmp_path / "orig", 20, branch.replace(branch_weights="ema_0.5"))
