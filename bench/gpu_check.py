@@ -16,7 +16,7 @@ For each it prints ms/step and MFU (training time only; the first window of each
 which compiles, left out), the averaging-plus-checkpoint overhead against ``ddp-base`` (the
 extra training-thread time per step, checkpoint seconds included), the eval and checkpoint
 seconds, and the peak GPU memory; and checks that each run finished, resumed, and wrote
-snapshots and resume checkpoints that load.
+snapshots and resume checkpoints that agree with each other value for value.
 
     python bench/gpu_check.py --data_dir=data/shakespeare        # ~7 min on an H100
 """
@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 from bench.common import ROOT  # noqa: E402
 from ewa.checkpoint import Weights, list_checkpoints  # noqa: E402
@@ -121,13 +123,25 @@ def summary(run_dir: Path, log_interval: int) -> dict:
 
 
 def check_files(run_dir: Path, max_steps: int) -> None:
+    """The last resume checkpoint and the last snapshots, written apart from the same GPU
+    tensors through pinned buffers and side streams, hold the same values: the model, the
+    EMA, the SWA mean and LAWA's newest slot."""
     resume = list_checkpoints(run_dir / "resume")
     state = read_resume(resume[max(resume)])
     assert state["step"] == max_steps, state["step"]
-    for kind in ("raw", "ema", "swa"):
-        snaps = list_checkpoints(run_dir / "snapshots" / kind)
+    lawa = state["averagers"]["lawa"]
+    saved = {
+        "raw": state["model"],
+        "ema": state["averagers"]["ema"]["tensors"]["weights"],
+        "swa": state["averagers"]["swa"]["tensors"]["weights"],
+        "lawa": lawa["tensors"][f"slot{lawa['slot_steps'].index(max_steps)}"],
+    }
+    for kind, tensors in saved.items():
+        snaps = list_checkpoints(run_dir / "snapshots" / ("raw" if kind == "lawa" else kind))
         assert max(snaps) == max_steps, (kind, sorted(snaps))
-        Weights(snaps[max_steps]).get("transformer.wte.weight")
+        snapshot = Weights(snaps[max_steps])
+        differ = [name for name, t in tensors.items() if not torch.equal(snapshot.get(name), t)]
+        assert not differ, f"{kind}: the resume checkpoint and the snapshot of step {max_steps} differ in {differ[:3]}"
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     assert {"raw", "ema", "swa", "lawa"} <= evals[-1].keys(), evals[-1]
 
@@ -140,8 +154,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check.json")
     args = p.parse_args(argv)
-    import torch
-
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: the GPU check runs on a GPU")
     common = [

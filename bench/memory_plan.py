@@ -2,11 +2,12 @@
 
 The figures come from the project's own allocation code run on the meta device (no memory is
 used) under a fake process group of ``--world_size`` ranks: the model built and, with
-``--parallel=fsdp``, sharded by ``fully_shard`` as in training; AdamW's state created by a real
-optimizer step; the EMA, SWA and online-LAWA averagers built over this rank's share; the
-snapshot and resume-checkpoint staging buffers sized from the same shares and the same split
-of a DDP run's replicated state. Not counted: activations, and the block of gathered weights
-FSDP holds while it computes.
+``--parallel=fsdp``, sharded by ``fully_shard`` as in training; gradients and AdamW's state
+created by a real optimizer step; the trainer's averagers (every EMA, SWA, online LAWA) built
+by ``build_averagers`` over this rank's share; the pinned buffers of snapshots and resume
+checkpoints allocated by the checkpoint ``Stager`` for what this rank writes (``written_by``:
+its share, or its part of a DDP run's replicated state). Not counted: activations, and the
+block of gathered weights FSDP holds while it computes.
 
     python bench/memory_plan.py --config=configs/large.py --world_size=8 --lawa_online=True
     python bench/memory_plan.py --config=configs/large.py --world_size=8 --parallel=fsdp --averaging_device=cpu
@@ -28,8 +29,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ewa.averaging import EMA, SWA, OnlineLAWA  # noqa: E402
-from ewa.checkpointing import owned_keys  # noqa: E402
+from ewa.averaging import build_averagers  # noqa: E402
+from ewa.checkpointing import Stager, local, written_by  # noqa: E402
 from ewa.config import load_config  # noqa: E402
 from ewa.parallel import layout_of, wrap  # noqa: E402
 from ewa.runtime import Runtime  # noqa: E402
@@ -41,6 +42,14 @@ HOST_TARGET = 2.5 * GB  # online LAWA, k=5, GPT-2 large, 8 ranks: averaging stat
 
 def nbytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
+
+
+def staged_bytes(live: dict[str, torch.Tensor]) -> int:
+    """The pinned host buffers the checkpoint ``Stager`` allocates for ``live`` (on meta)."""
+    stager = Stager(torch.device("meta"))
+    with torch.device("meta"):
+        stager.stage(live, {}, None)
+    return nbytes(stager.buffers.values())
 
 
 def plan(cfg, world: int, rank: int) -> dict:
@@ -58,48 +67,45 @@ def plan(cfg, world: int, rank: int) -> dict:
         params = [p for _, p in model.named_parameters()]
         optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
         for p in params:
-            p.grad = torch.zeros_like(p)
+            p.grad = torch.zeros_like(p)  # DDP: its buckets (gradients are views); FSDP: sharded
         optimizer.step()  # AdamW creates its state
         state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         layout = layout_of(names, params, model, rt)
         share = layout.pieces(params)
         host = cfg.averaging_device == "cpu"
-        averagers = {}
-        if cfg.ema:
-            averagers["EMA"] = EMA(layout.shares, share, cfg.ema_decay, rt.device)
-        if cfg.swa:
-            averagers["SWA"] = SWA(layout.shares, 0, cfg.swa_every, rt.device)
-        if cfg.lawa_online:
-            averagers[f"LAWA (k={cfg.lawa_k})"] = OnlineLAWA(layout.shares, cfg.lawa_k, cfg.lawa_nu, rt.device)
-        share_bytes = layout.shares.numel * 4
+        with torch.device("meta"):  # the trainer's own allocation: the staging buffer, the averagers
+            staging = layout.shares.alloc(rt.device) if host else None
+            averagers = build_averagers(cfg, layout.shares, share, rt.device, staging)
         rows = {
             "parameters (fp32)": (nbytes(params), 0),
-            "gradients (fp32)": (nbytes(params), 0),  # DDP: its buckets (gradients are views); FSDP: sharded
+            "gradients (fp32)": (nbytes(p.grad for p in params), 0),
             "optimizer (AdamW)": (nbytes(state), 0),
         }
-        for name, averager in averagers.items():
-            held = nbytes(averager.tensors().values())
-            rows[name] = (0, held) if host else (held, 0)
+        held = {name: nbytes(a.tensors().values()) for name, a in averagers.items()}
+        for name, n in held.items():
+            label = name.upper() + (f" (k={cfg.lawa_k})" if name == "lawa" else "")
+            rows[label] = (0, n) if host else (n, 0)
         buffers = {}
-        if cfg.lawa_online and not host:
-            buffers["LAWA output"] = (share_bytes, 0)
-        if host and averagers:
-            buffers["averaging staging (and LAWA output)"] = (0, share_bytes)
-        kinds = 1 + cfg.ema + cfg.swa
-        buffers["snapshot buffers (pinned)"] = (0, kinds * share_bytes)
-        replicated = {f"model.{n}": p for n, p in zip(names, params)}
-        replicated |= {f"optimizer.{i}": t for i, t in enumerate(state)}
-        mine = owned_keys(replicated, world)[rank] if cfg.parallel == "ddp" and world > 1 else set(replicated)
-        averaging_state = sum(sum(rows[n]) for n in averagers)
-        resume = nbytes(t for k, t in replicated.items() if k in mine) + averaging_state
-        buffers["resume staging (pinned)"] = (0, resume)
+        if "lawa" in averagers and not host:
+            buffers["LAWA output"] = (nbytes([averagers["lawa"].mean]), 0)
+        if host:
+            buffers["averaging staging (and LAWA output)"] = (0, nbytes([staging]))
+        kinds = {"raw": share} | {n: layout.shares.split(a.flat) for n, a in averagers.items() if n != "lawa"}
+        pieces = {f"{kind}/{i}": t for kind, views in kinds.items() for i, t in enumerate(views)}
+        buffers["snapshot buffers (pinned)"] = (0, staged_bytes(pieces))
+        # the model and AdamW: DDP's replicated tensors split between the ranks, FSDP's shards
+        entries = {f"model.{n}": p for n, p in zip(names, params)} | {f"optimizer.{i}": t for i, t in enumerate(state)}
+        mine = written_by(entries, rank, world)
+        mine |= {f"averagers.{n}.{b}": t for n, a in averagers.items() for b, t in a.tensors().items()}
+        buffers["resume staging (pinned)"] = (0, staged_bytes({k: local(t) for k, t in mine.items()}))
+        averaging_state = sum(held.values())
         return {
             "rows": rows,
             "buffers": buffers,
             "averaging_bytes_per_rank": averaging_state,
             "averaging_host_bytes_per_rank": averaging_state if host else 0,
             "model_bytes": sum(p.numel() for p in params) * 4,
-            "share_bytes": share_bytes,
+            "share_bytes": layout.shares.numel * 4,
         }
     finally:
         dist.destroy_process_group()

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ewa.merge import merge_weights
 from ewa.parallel import Shares
+
+if TYPE_CHECKING:
+    from ewa.config import TrainConfig
 
 Tensors = list[torch.Tensor]
 SUM_BLOCK = 1 << 22  # elements summed in float64 at a time by online LAWA
@@ -199,6 +202,22 @@ class OnlineLAWA(Averager):
                 f"online LAWA state has k={counters['k']}, nu={counters['nu']}, the config k={self.k}, nu={self.nu}"
             )
         self.slot_steps = list(counters["slot_steps"])
+
+
+def build_averagers(
+    cfg: TrainConfig, shares: Shares, share: Tensors, device: torch.device, staging: torch.Tensor | None
+) -> dict[str, Averager]:
+    """The averagers of ``cfg`` over this rank's ``share``, starting from its current values:
+    on ``device``, or, given the ``staging`` buffer (host memory, pinned for a GPU), beside it
+    and pinned as it is; it then also holds online LAWA's output."""
+    where = device if staging is None else staging.device
+    pin = staging is not None and staging.is_pinned()
+    averagers: dict[str, Averager] = {name: EMA(shares, share, decay, where, pin) for name, decay in cfg.emas().items()}
+    if cfg.swa:
+        averagers["swa"] = SWA(shares, cfg.swa_start_step(), cfg.swa_every, where, pin)
+    if cfg.lawa_online:
+        averagers["lawa"] = OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, where, pin, staging, cfg.lawa_weights)
+    return averagers
 
 
 def copy_share(dst: Tensors, src: Tensors, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:

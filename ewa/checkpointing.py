@@ -218,13 +218,26 @@ def owned_keys(tensors: dict[str, torch.Tensor], world: int) -> list[set[str]]:
     return owned
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def written_by(flat: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """The entries of a checkpoint's ``flat`` state that ``rank`` writes: its shards of the
+    sharded (DTensor) entries, and its part of the replicated ones (``owned_keys``)."""
+    if world == 1:
+        return flat
+    replicated = {k: t for k, t in flat.items() if not isinstance(t, DTensor)}
+    mine = owned_keys(replicated, world)[rank]
+    return {k: t for k, t in flat.items() if k not in replicated or k in mine}
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _like(buf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``buf`` (a host buffer) with ``t``'s sharding, left where it is: ``DTensor.from_local``
+    would copy it to the mesh's device (a GPU), racing the copy into it and doubling the
+    GPU memory of the state; DCP's own staging wraps host buffers this way."""
     if isinstance(t, DTensor):
-        return DTensor.from_local(buf, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+        return DTensor(buf.detach(), t._spec, requires_grad=False)
     return buf
 
 
@@ -247,12 +260,9 @@ class ResumeCheckpointer:
         """Write ``flat`` (name -> tensor or DTensor; those in ``lane_keys`` are updated in the
         background) and ``meta`` (JSON) as the checkpoint of ``step``."""
         self.background.wait()
-        replicated = {k: t for k, t in flat.items() if not isinstance(t, DTensor)}
-        if self.grouped and self.world > 1:
-            mine = owned_keys(replicated, self.world)[self.rank]
-            flat = {k: t for k, t in flat.items() if k not in replicated or k in mine}
-        live = {k: _local(t) for k, t in flat.items() if k not in lane_keys}
-        lane = {k: _local(t) for k, t in flat.items() if k in lane_keys}
+        flat = written_by(flat, self.rank, self.world)
+        live = {k: local(t) for k, t in flat.items() if k not in lane_keys}
+        lane = {k: local(t) for k, t in flat.items() if k in lane_keys}
         staged, ready = self.stager.stage(live, lane, run_on_lane)
         state: dict[str, dict] = {}  # nested by the first part of the name (DCP saves the same names, faster)
         for k, t in flat.items():

@@ -54,10 +54,11 @@ class Runtime:
         return t
 
     def any(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is True on any rank (one small collective)."""
+        """True on every rank if ``flag`` is True on any rank: one small collective of a host
+        tensor (gloo), so the GPU's queue is not waited for."""
         if not self.distributed:
             return flag
-        t = torch.tensor([int(flag)], device=self.device)
+        t = torch.tensor([int(flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 

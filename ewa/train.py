@@ -24,14 +24,15 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from ewa.averaging import EMA, SWA, Averager, Averaging, OnlineLAWA
-from ewa.checkpoint import CheckpointError, list_checkpoints, load_weights
+from ewa.averaging import Averaging, build_averagers
+from ewa.checkpoint import CheckpointError, list_checkpoints, load_weights, snapshot_kinds
 from ewa.checkpointing import ResumeCheckpointer, SafeReader, SnapshotWriter, load_into, read_meta
 from ewa.config import ConfigError, TrainConfig, load_config, save_config
 from ewa.data import BatchSampler, DataError, eval_windows, fingerprint, open_tokens
@@ -53,6 +54,18 @@ class Preempted(Exception):
     pass
 
 
+@dataclass
+class LogWindow:
+    """The steps since the last train record: when it started, the seconds spent evaluating
+    and checkpointing in it (left out of the throughput), and its losses moved to the host."""
+
+    start: float
+    step: int
+    eval_s: float = 0.0
+    ckpt_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
 def is_run_dir(path: str) -> bool:
     return (Path(path) / "resume").is_dir()
 
@@ -71,10 +84,17 @@ def remove(path: Path) -> None:
 
 def branch_average(run: Path, step: int, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The weights a branch starts from (``branch_weights``): the run's EMA snapshot at
-    ``step``, or the LAWA merge of its raw snapshots in the window ending there."""
-    kind = "ema" if cfg.branch_weights == "ema" else "raw"
+    ``step`` (``ema``, or ``ema_<decay>`` for one of its ema_decays), or the LAWA merge of its
+    raw snapshots in the window ending there."""
+    ema = cfg.branch_weights.startswith("ema")
+    kind = cfg.branch_weights if ema else "raw"
     folder = snapshot_dir(run, kind)
-    snaps = list_checkpoints(folder) if folder.is_dir() else {}
+    if not folder.is_dir():
+        raise ConfigError(
+            f"branch_weights={cfg.branch_weights}: {run} keeps no {kind} snapshots (its kinds: "
+            f"{', '.join(snapshot_kinds(run)) or 'none'}); use raw, lawa or one of its ema kinds"
+        )
+    snaps = list_checkpoints(folder)
     members = window_members(step, cfg.lawa_k, cfg.lawa_nu) if cfg.branch_weights == "lawa" else (step,)
     missing = [s for s in members if s not in snaps]
     if missing:
@@ -82,7 +102,7 @@ def branch_average(run: Path, step: int, cfg: TrainConfig) -> dict[str, torch.Te
             f"branch_weights={cfg.branch_weights} at step {step}: {folder} has no snapshot at step(s) {missing}; "
             "choose a branch_step (and lawa_k, lawa_nu) on the run's ckpt_interval grid"
         )
-    if cfg.branch_weights == "ema":
+    if ema:
         return load_weights(snaps[step])
     window = Window(step, members)
     (average,) = (dict(t) for _, _, t in Merger(snaps, weights=cfg.lawa_weights).models([window], newest=False))
@@ -111,7 +131,7 @@ class Trainer:
         staging = None  # averaging_device=cpu: the averages live in (pinned) host memory, updated in the background
         if cfg.averaging_device == "cpu":
             staging = self.layout.shares.alloc(runtime.device, pin=runtime.device_type == "cuda")
-        self.averaging = Averaging(self.build_averagers(staging), self.share, staging)
+        self.averaging = self.new_averaging(staging)
         self.snapshots = SnapshotWriter(self.layout, runtime.device, runtime.rank, self.after_snapshot)
         self.resumes = ResumeCheckpointer(
             resume_dir(self.run_dir), runtime.device, runtime.rank, runtime.world_size, self.after_resume
@@ -137,23 +157,14 @@ class Trainer:
         self.pending_losses: list[tuple[int, torch.Tensor]] = []
         self.stop_signal: int | None = None
         self.logger = MetricsLogger(None, echo=False)
-        self.window = {"start": 0.0, "step": 0, "eval_s": 0.0, "ckpt_s": 0.0}  # the current log window
+        self.window = LogWindow(0.0, 0)
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def build_averagers(self, staging: torch.Tensor | None) -> dict[str, Averager]:
-        """The averagers of the config over this rank's share, from the current weights; on
-        the host when given the ``staging`` buffer (which then also holds LAWA's output)."""
-        cfg, shares, device, averagers = self.cfg, self.layout.shares, self.rt.device, {}
-        pin = staging is not None and device.type == "cuda"
-        where = torch.device("cpu") if staging is not None else device
-        for name, decay in cfg.emas().items():
-            averagers[name] = EMA(shares, self.share, decay, where, pin)
-        if cfg.swa:
-            averagers["swa"] = SWA(shares, cfg.swa_start_step(), cfg.swa_every, where, pin)
-        if cfg.lawa_online:
-            averagers["lawa"] = OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, where, pin, staging, cfg.lawa_weights)
-        return averagers
+    def new_averaging(self, staging: torch.Tensor | None) -> Averaging:
+        """The config's averagers over this rank's share, from the current weights."""
+        averagers = build_averagers(self.cfg, self.layout.shares, self.share, self.rt.device, staging)
+        return Averaging(averagers, self.share, staging)
 
     def load_initial(self) -> list[Path]:
         """Load the initial weights named by cfg.init_from into the unwrapped model; for
@@ -200,7 +211,7 @@ class Trainer:
             start = branch_average(run, self.step, cfg)
             self.layout.load(self.params, self.layout.share_of(start).to(self.params[0].device))
             self.averaging.close()
-            self.averaging = Averaging(self.build_averagers(staging), self.share, staging)
+            self.averaging = self.new_averaging(staging)
             self.fresh = True
         if cfg.branch_reset_optimizer:
             self.optimizer = self.model.configure_optimizers(
@@ -337,22 +348,29 @@ class Trainer:
             self.averaging.update(self.step)
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                 self.log_train()
-                if self.rt.any(self.stop_signal is not None):
-                    self.save_resume_checkpoint()
-                    self.check_background(wait=True)
-                    raise Preempted(f"stopped by a signal at step {self.step}; continue with --init_from=resume")
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 last = self.evaluate()
+            if self.rt.any(self.stop_signal is not None):  # every step: a preempted job has seconds
+                self.stop()
             self.checkpoint()
         self.finish()
         return last
 
-    def flush_losses(self) -> list[tuple[int, float]]:
-        """Move the losses since the last flush to the host (one sync), as the mean over the
-        ranks, i.e. over the global batch; stop the run if any is NaN/inf, naming the first
-        such step; nothing is saved after it."""
+    def stop(self) -> None:
+        """On a signal (every rank at the same step): log the steps since the last record,
+        wait for the writes in flight, save the resume state, and end the run."""
+        if self.window.step < self.step:
+            self.log_train()
+        self.checkpoint(stopping=True)
+        self.check_background(wait=True)
+        raise Preempted(f"stopped by a signal at step {self.step}; continue with --init_from=resume")
+
+    def flush_losses(self) -> None:
+        """Move the losses since the last flush to the host (one sync) into the log window,
+        as the mean over the ranks, i.e. over the global batch; stop the run if any is
+        NaN/inf, naming the first such step; nothing is saved after it."""
         if not self.pending_losses:
-            return []
+            return
         values = self.rt.all_reduce_sum(torch.stack([v for _, v in self.pending_losses])) / self.rt.world_size
         losses = [(s, v) for (s, _), v in zip(self.pending_losses, values.tolist(), strict=True)]
         self.pending_losses.clear()
@@ -364,7 +382,7 @@ class Trainer:
                 f"non-finite training loss at step {bad[0]}; stopped without saving ({last}). "
                 "Lower learning_rate, or set skip_nonfinite=True to skip such batches"
             )
-        return losses
+        self.window.losses += [v for _, v in losses]
 
     def sync(self) -> float:
         """Wait for the GPU's queued work, then read the clock."""
@@ -373,17 +391,17 @@ class Trainer:
         return time.perf_counter()
 
     def new_window(self) -> None:
-        self.window = {"start": self.sync(), "step": self.step, "eval_s": 0.0, "ckpt_s": 0.0}
+        self.window = LogWindow(self.sync(), self.step)
 
     def log_train(self) -> None:
         """A train record: throughput over training time only (the window's wall time less
         its eval and checkpoint seconds, which are logged apart)."""
-        losses = self.flush_losses()
+        self.flush_losses()
         w = self.window
-        steps = self.step - w["step"]
-        wall = self.sync() - w["start"]
-        train_s = max(wall - w["eval_s"] - w["ckpt_s"], 1e-9)
-        finite = [v for _, v in losses if math.isfinite(v)]
+        steps = self.step - w.step
+        wall = self.sync() - w.start
+        train_s = max(wall - w.eval_s - w.ckpt_s, 1e-9)
+        finite = [v for v in w.losses if math.isfinite(v)]
         loss = sum(finite) / max(1, len(finite))
         tok_s = self.cfg.tokens_per_step * steps / train_s
         record = {
@@ -394,8 +412,8 @@ class Trainer:
             "tokens": self.step * self.cfg.tokens_per_step,
             "tok_per_s": tok_s,
             "ms_per_step": 1000 * train_s / max(steps, 1),
-            "eval_s": w["eval_s"],
-            "ckpt_s": w["ckpt_s"],
+            "eval_s": w.eval_s,
+            "ckpt_s": w.ckpt_s,
         }
         if self.peak_flops:
             record["mfu"] = self.model.estimate_mfu(tok_s / self.rt.world_size, self.peak_flops)
@@ -427,7 +445,7 @@ class Trainer:
         record = {"kind": "eval", "step": self.step, "tokens": self.step * self.cfg.tokens_per_step, **results}
         line = f"eval step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in results.items())
         self.logger.log(record, line)
-        self.window["eval_s"] += self.sync() - start
+        self.window.eval_s += self.sync() - start
         return results
 
     # -- files ----------------------------------------------------------------------------------
@@ -480,13 +498,15 @@ class Trainer:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop_signal = signum
 
-    def checkpoint(self, force: bool = False) -> None:
+    def checkpoint(self, force: bool = False, stopping: bool = False) -> None:
         """Snapshots every ckpt_interval, resume checkpoints every resume_interval, at the
-        SWA start (train_swa.py branches from it) and at the end; the time the training
-        thread spends here is logged as ``ckpt_s``."""
+        SWA start (train_swa.py branches from it), at the end and when ``stopping``; the
+        time the training thread spends here is logged as ``ckpt_s``."""
         cfg, step = self.cfg, self.step
         snap = force or step % cfg.ckpt_interval == 0 or step == cfg.max_steps
-        resume = step > 0 and (step % cfg.resume_interval == 0 or step == cfg.max_steps or step == cfg.swa_start_step())
+        resume = stopping or (
+            step > 0 and (step % cfg.resume_interval == 0 or step == cfg.max_steps or step == cfg.swa_start_step())
+        )
         if not (snap or resume):
             return
         start = self.sync()
@@ -495,7 +515,7 @@ class Trainer:
             self.save_snapshots()
         if resume:
             self.save_resume_checkpoint()
-        self.window["ckpt_s"] += time.perf_counter() - start
+        self.window.ckpt_s += time.perf_counter() - start
 
     def save_snapshots(self) -> None:
         """The raw weights and every average but LAWA's (lawa.py makes those offline)."""

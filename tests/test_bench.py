@@ -133,7 +133,7 @@ def test_checkpoint_blocking(tmp_path, data_dir):
 def test_memory_plan_counts_each_ranks_share(parallel):
     proc = subprocess.run(
         [sys.executable, "bench/memory_plan.py", "--config=configs/large.py", "--world_size=8", f"--parallel={parallel}",
-         "--lawa_online=True", "--lawa_k=5", "--averaging_device=cpu"],
+         "--lawa_online=True", "--lawa_k=5", "--ema_decays=0.99", "--averaging_device=cpu"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -146,7 +146,13 @@ def test_memory_plan_counts_each_ranks_share(parallel):
     assert plan["model_bytes"] == 4 * sum(p.numel() for p in model.parameters())
     share = plan["rows"]["EMA"]["host"]
     assert share == pytest.approx(plan["model_bytes"] / 8, rel=0.01)  # rank 0's share: an eighth
-    assert plan["rows"]["LAWA (k=5)"]["host"] == 5 * share and plan["averaging_bytes_per_rank"] == 6 * share
-    assert plan["averaging_host_bytes_per_rank"] <= 2.5e9  # the target (one full copy per LAWA slot was 15.5 GB)
+    assert plan["rows"]["EMA_0.99"]["host"] == share  # every averager the trainer builds
+    assert plan["rows"]["LAWA (k=5)"]["host"] == 5 * share and plan["averaging_bytes_per_rank"] == 7 * share
+    assert plan["averaging_host_bytes_per_rank"] - share <= 2.5e9  # the target (one copy per LAWA slot was 15.5 GB)
+    # the pinned buffers: one share per snapshot kind (raw and the two EMAs), and the resume state
+    assert plan["rows"]["snapshot buffers (pinned)"]["host"] == 3 * share
+    assert plan["rows"]["resume staging (pinned)"]["host"] == pytest.approx(
+        plan["averaging_bytes_per_rank"] + 3 * plan["model_bytes"] / 8, rel=0.01  # model and AdamW: an eighth
+    )
     optimizer = plan["rows"]["optimizer (AdamW)"]["device"]
     assert optimizer == pytest.approx(2 * plan["model_bytes"] / (8 if parallel == "fsdp" else 1), rel=0.01)

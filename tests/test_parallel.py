@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 from conftest import ROOT, resume_state, tiny_config, write_config_file
 from ewa.checkpoint import CheckpointError, Weights, list_checkpoints, load_weights, save_snapshot
 from ewa.checkpointing import SafeReader, SnapshotWriter
+from ewa.config import config_from_dict
 from ewa.logger import read_metrics
 from ewa.parallel import FlatLayout
 from ewa.runtime import peak_flops_of
@@ -236,14 +238,59 @@ def test_sigkill_during_an_async_save_then_resume_on_two_or_one(runs, tmp_path, 
     proc = torchrun(ROOT / "train_small.py", *args, nproc=resume_nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(run_dir.glob("resume/.*.tmp*"))
-    resumed = resume_state(run_dir)
-    exact = resume_nproc == 2  # the same two ranks redo the same steps; one process sums in another order
-    same = torch.equal if exact else lambda a, b: torch.allclose(a, b, atol=1e-4)
-    assert all(same(resumed["model"][k], v) for k, v in reference["model"].items())
+    # the same two ranks redo the same steps, bit for bit; one process sums in another order
+    assert_same_state(resume_state(run_dir), reference, atol=0 if resume_nproc == 2 else 1e-4)
+
+
+def truncated_copy(run_dir: Path, dest: Path, step: int) -> Path:
+    """A copy of a run as if it had stopped at ``step``: no resume checkpoint or snapshot after it."""
+    shutil.copytree(run_dir, dest)
+    for folder in [dest / "resume", *(dest / "snapshots").iterdir()]:
+        for s, path in list_checkpoints(folder).items():
+            if s > step:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return dest
+
+
+def assert_same_state(got: dict, want: dict, atol: float) -> None:
+    """The same model and averages (within ``atol``; 0: bit for bit), at the same counters."""
+    same = lambda a, b: torch.allclose(a, b, rtol=0, atol=atol)  # noqa: E731
+    assert got["step"] == want["step"]
+    assert all(same(got["model"][k], v) for k, v in want["model"].items())
     for name, counter in COUNTER.items():
-        assert resumed["averagers"][name][counter] == reference["averagers"][name][counter], name
-        for buffer, tensors in reference["averagers"][name]["tensors"].items():
-            assert all(same(resumed["averagers"][name]["tensors"][buffer][k], v) for k, v in tensors.items()), name
+        assert got["averagers"][name][counter] == want["averagers"][name][counter], name
+        for buffer, tensors in want["averagers"][name]["tensors"].items():
+            mine = got["averagers"][name]["tensors"][buffer]
+            assert all(same(mine[k], v) for k, v in tensors.items()), (name, buffer)
+
+
+def test_a_one_process_checkpoint_resumes_on_two(runs, tmp_path):
+    """The other way round: one process's checkpoint at step 20 (plain tensors) continues
+    under DDP on two processes (each takes its slice of the averages) to the two-process run."""
+    run_dir = truncated_copy(runs["one"], tmp_path / "run", 20)
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text())).replace(out_dir=str(run_dir))
+    config_file = write_config_file(tmp_path / "cfg.py", cfg)
+    proc = torchrun(ROOT / "train_small.py", str(config_file), "--init_from=resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_state(resume_state(run_dir), resume_state(runs["ddp"]), atol=5e-4)
+
+
+def test_a_two_process_fsdp_checkpoint_resumes_in_one_fsdp_process(runs, tmp_path):
+    """FSDP2 in a lone process (its own process group) reads the shards two ranks wrote at
+    step 20, model, AdamW and averages, and ends where the two-process run ended."""
+    run_dir = truncated_copy(runs["fsdp"], tmp_path / "run", 20)
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    run(cfg.replace(out_dir=str(run_dir), init_from="resume"))
+    assert_same_state(resume_state(run_dir), resume_state(runs["fsdp"]), atol=5e-4)
+
+
+@pytest.mark.parametrize("name", ["one", "ddp", "fsdp"])
+def test_the_gpu_checks_own_check_holds_on_the_cpu(runs, name):
+    """bench/gpu_check.py compares the last resume checkpoint with the last snapshots, value
+    for value; written by one process or as shards by two, they agree on the CPU too."""
+    from bench.gpu_check import check_files
+
+    check_files(runs[name], 40)
 
 
 def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path, data_dir):
@@ -390,8 +437,8 @@ def test_background_averaging_is_checkpointed_consistently(tmp_path, data_dir, m
     class StopsAt30(Trainer):
         def train_step(self):
             loss = super().train_step()
-            if self.step == 28:
-                self.stop_signal = signal.SIGTERM  # noticed at the log of step 30
+            if self.step == 30:
+                self.stop_signal = signal.SIGTERM
             return loss
 
     cfg = averaging_config(tmp_path / "run", data_dir, averaging_device="cpu")
@@ -411,7 +458,6 @@ def test_background_averaging_is_checkpointed_consistently(tmp_path, data_dir, m
 
 def test_a_fsdp_checkpoint_continues_under_ddp_in_one_process(runs, tmp_path, capsys):
     """Switching `parallel` keeps the model and optimizer; the averages, sharded otherwise, restart."""
-    from ewa.config import config_from_dict
     from ewa.runtime import init_runtime
     from ewa.train import Trainer
 
