@@ -438,6 +438,7 @@ class Trainer:
         averages = {n: self.averaging.averaged(n, self.step) for n in self.averaging.averagers}
         averages = {n: flat for n, flat in averages.items() if flat is not None}
         if averages:
+            self.before_params_change()  # the checkpoint copies in flight read the live weights
             with self.layout.swapping(self.params) as load:
                 for name, flat in averages.items():
                     load(flat)

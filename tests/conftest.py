@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import sys
 from pathlib import Path
 
@@ -75,6 +76,20 @@ def tiny_config(out_dir: Path, data_dir: Path, **overrides) -> TrainConfig:
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def signalled_at(step: int) -> type:
+    """A Trainer that receives a preemption signal (SIGTERM) during step ``step``."""
+    from ewa.train import Trainer
+
+    class Signalled(Trainer):
+        def train_step(self):
+            loss = super().train_step()
+            if self.step == step:
+                self.stop_signal = signal.SIGTERM
+            return loss
+
+    return Signalled
 
 
 def random_checkpoints(folder: Path, steps, numel: int = 300, seed: int = 0) -> dict[int, Path]:

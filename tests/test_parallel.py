@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, resume_state, tiny_config, write_config_file
+from conftest import ROOT, resume_state, signalled_at, tiny_config, write_config_file
 from ewa.checkpoint import CheckpointError, Weights, list_checkpoints, load_weights, save_snapshot
 from ewa.checkpointing import SafeReader, SnapshotWriter
 from ewa.config import config_from_dict
@@ -370,6 +370,10 @@ def test_averages_are_restored_in_place_on_the_parameters_device(tmp_path, data_
     for name, averager in trainer.averaging.averagers.items():
         for buffer, t in averager.tensors().items():
             assert t.device == trainer.params[0].device == averager.device, (name, buffer)
+    # loaded in place: the buffers checkpoints read are those the updates write through their views
+    ema, swa, lawa = (trainer.averaging.averagers[n] for n in ("ema", "swa", "lawa"))
+    views = [(ema.flat, ema.views), (swa.flat, swa.views), *lawa.slots]
+    assert all(v.untyped_storage().data_ptr() == flat.data_ptr() for flat, vs in views for v in vs)
     saved = resume_state(tmp_path / "run")["averagers"]["swa"]["tensors"]["weights"]
     swa = trainer.averaging.averagers["swa"]
     assert torch.equal(swa.flat, torch.cat([saved[n].flatten() for n in trainer.names]))
@@ -426,7 +430,7 @@ def test_background_averaging_is_checkpointed_consistently(tmp_path, data_dir, m
 
     import ewa.averaging
     from ewa.runtime import init_runtime
-    from ewa.train import Preempted, Trainer
+    from ewa.train import Preempted
 
     for cls in (ewa.averaging.EMA, ewa.averaging.SWA, ewa.averaging.OnlineLAWA):
         slow = cls.update
@@ -434,15 +438,8 @@ def test_background_averaging_is_checkpointed_consistently(tmp_path, data_dir, m
             cls, "update", lambda self, share, step, slow=slow: (clock.sleep(0.05), slow(self, share, step))[1]
         )
 
-    class StopsAt30(Trainer):
-        def train_step(self):
-            loss = super().train_step()
-            if self.step == 30:
-                self.stop_signal = signal.SIGTERM
-            return loss
-
     cfg = averaging_config(tmp_path / "run", data_dir, averaging_device="cpu")
-    trainer = StopsAt30(cfg, init_runtime("cpu", "float32"))
+    trainer = signalled_at(30)(cfg, init_runtime("cpu", "float32"))
     with pytest.raises(Preempted, match="at step 30"):
         trainer.fit()
     trainer.close()

@@ -1,4 +1,3 @@
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +6,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import SWALR
 
-from conftest import ROOT, resume_state, tiny_config, write_config_file
+from conftest import ROOT, resume_state, signalled_at, tiny_config, write_config_file
 from ewa.checkpoint import list_checkpoints, load_weights
 from ewa.config import ConfigError, TrainConfig
 from ewa.logger import read_metrics
@@ -74,20 +73,10 @@ def test_branch_from_the_original_run_equals_swa_from_scratch(tmp_path, data_dir
     assert branch_evals == [40]  # the first 75% is not trained (or evaluated) twice
 
 
-class StopsAt35(Trainer):
-    """Receives a preemption signal during step 35."""
-
-    def train_step(self):
-        loss = super().train_step()
-        if self.step == 35:
-            self.stop_signal = signal.SIGTERM
-        return loss
-
-
 def test_resume_in_the_middle_of_swa(tmp_path, data_dir):
     cfg = swa_config(tmp_path / "split", data_dir)
     with pytest.raises(Preempted, match="at step 35"):
-        StopsAt35(cfg, init_runtime("cpu", "float32")).fit()
+        signalled_at(35)(cfg, init_runtime("cpu", "float32")).fit()
     assert max(list_checkpoints(tmp_path / "split" / "resume")) == 35
     run(cfg.replace(init_from="resume"))
     run(cfg.replace(out_dir=str(tmp_path / "whole")))

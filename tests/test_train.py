@@ -1,5 +1,4 @@
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -7,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, resume_state, tiny_config
+from conftest import ROOT, resume_state, signalled_at, tiny_config
 from ewa.checkpoint import CheckpointError, list_checkpoints, load_weights
 from ewa.config import ConfigError
 from ewa.logger import read_metrics
 from ewa.runtime import init_runtime
-from ewa.train import Preempted, Trainer, run
+from ewa.train import Preempted, run
 
 
 def evals(run_dir: Path) -> dict[int, dict]:
@@ -58,16 +57,6 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     assert len(steps) == len(set(steps))  # no step logged twice
 
 
-class SignalledAt15(Trainer):
-    """Receives a preemption signal during step 15, between two train records."""
-
-    def train_step(self):
-        loss = super().train_step()
-        if self.step == 15:
-            self.stop_signal = signal.SIGTERM
-        return loss
-
-
 def test_train_records_cover_every_step_across_checkpoints_and_a_stop(tmp_path, data_dir):
     """Snapshots (every 5 steps) move the losses to the host between train records (every 4),
     and a signal stops the run at the very step it arrives: each record's loss is still the
@@ -76,7 +65,7 @@ def test_train_records_cover_every_step_across_checkpoints_and_a_stop(tmp_path, 
     run(per_step)
     loss = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "per_step" / "metrics.jsonl") if r["kind"] == "train"}
     cfg = per_step.replace(out_dir=str(tmp_path / "run"), max_steps=40, log_interval=4)
-    trainer = SignalledAt15(cfg, init_runtime("cpu", "float32"))
+    trainer = signalled_at(15)(cfg, init_runtime("cpu", "float32"))  # between two train records
     with pytest.raises(Preempted, match="at step 15;"):
         trainer.fit()
     trainer.close()
