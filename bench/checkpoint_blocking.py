@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse(p, argv, overrides=True)
     with bench_trainer(args, overrides) as trainer:
         device = trainer.rt.device
-        trainer.train_step()  # AdamW's state exists
+        for p in trainer.params:  # AdamW's state, from one step on zero gradients (no batch is needed)
+            p.grad = torch.zeros_like(p)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.step += 1
         trainer.averaging.update(trainer.step)
         run_dir = trainer.run_dir
         share, shares = trainer.share, trainer.layout.shares

@@ -1,8 +1,9 @@
 """Checkpoints off the training thread: weights-only snapshots and resume checkpoints.
 
 Both copy this rank's tensors once into reusable pinned host buffers (``Stager``: from a GPU
-on a side stream that waits for the step's work, so the training thread only enqueues the
-copies) and write them from a background thread, one write of each kind in flight at a time:
+on a side stream that waits for the step's work, from host tensors on a thread of its own, so
+the training thread only starts the copies) and write them from a background thread, one write
+of each kind in flight at a time:
 
 - ``SnapshotWriter``: the rank's share of the raw, EMA and SWA weights as safetensors: one file
   in a single-process run, the rank's shard file of a ``step_XXXXXXXX/`` directory otherwise
@@ -15,8 +16,8 @@ copies) and write them from a background thread, one write of each kind in fligh
   split between the ranks by size, so each stages and writes about 1/world of it. Loading is
   reshardable (any number of processes) and never unpickles code (``SafeReader``).
 
-The optimizer must not change what is being copied: ``before_params_change`` makes the GPU
-wait for the copies. A failed background write is raised by the next ``check`` or ``wait``.
+Nothing may change what is being copied: ``before_params_change`` waits for the copies (makes
+the GPU wait for them) before the optimizer, an averager or an evaluation writes the tensors. A failed background write is raised by the next ``check`` or ``wait``.
 """
 
 from __future__ import annotations
@@ -58,13 +59,16 @@ Lane = Callable[[Callable[[], Any]], Future]  # runs a function after the averag
 
 
 class Stager:
-    """Reusable pinned host buffers, and the copies into them."""
+    """Reusable pinned host buffers, and the copies into them, made off the training thread:
+    from a GPU on a side stream, from host tensors by a thread of its own (the copy does not
+    hold the GIL). ``before_params_change`` waits for them before the live tensors change."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.copier = None if self.cuda else ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewa-staging")
         self.buffers: dict[str, torch.Tensor] = {}
-        self._copied: torch.cuda.Event | None = None
+        self._copied: torch.cuda.Event | Future | None = None
 
     def _buffer(self, key: str, like: torch.Tensor) -> torch.Tensor:
         buf = self.buffers.get(key)
@@ -80,22 +84,36 @@ class Stager:
         returns them and a function that blocks until every copy is done."""
         out = {k: self._buffer(k, t) for k, t in (live | lane).items()}
         keys = list(live)
-        event = copy_share([out[k] for k in keys], [live[k] for k in keys], self.stream) if keys else None
-        self._copied = event
+        copied = self._copy([out[k] for k in keys], [live[k] for k in keys]) if keys else None
+        self._copied = copied
         later = run_on_lane(lambda: torch._foreach_copy_([out[k] for k in lane], list(lane.values()))) if lane else None
 
         def ready() -> None:
-            if event is not None:
-                event.synchronize()
+            if isinstance(copied, Future):
+                copied.result()
+            elif copied is not None:
+                copied.synchronize()
             if later is not None:
                 later.result()
 
         return out, ready
 
+    def _copy(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> torch.cuda.Event | Future:
+        if self.cuda:
+            return copy_share(dst, src, self.stream)
+        return self.copier.submit(self._host_copy, dst, src)
+
+    def _host_copy(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        torch._foreach_copy_(dst, src)
+
     def before_params_change(self) -> None:
-        if self._copied is not None:
-            torch.cuda.current_stream().wait_event(self._copied)
-            self._copied = None
+        """The live tensors may change once this returns (from a GPU: once the current
+        stream reaches it)."""
+        copied, self._copied = self._copied, None
+        if isinstance(copied, Future):
+            copied.result()
+        elif copied is not None:
+            torch.cuda.current_stream().wait_event(copied)
 
 
 class Background:

@@ -315,6 +315,7 @@ class Trainer:
             (loss / self.accum).backward()
             total += loss.detach()
         total /= self.accum
+        self.before_params_change()  # the optimizer, or the averages (when the step is skipped), change next
         if cfg.skip_nonfinite and rt.any(not torch.isfinite(total).item()):  # every rank skips together
             self.optimizer.zero_grad(set_to_none=True)
             if rt.master:
@@ -322,7 +323,6 @@ class Trainer:
         else:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-            self.before_params_change()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -473,3 +473,29 @@ def test_a_fsdp_checkpoint_continues_under_ddp_in_one_process(runs, tmp_path, ca
     out = capsys.readouterr().out
     assert "has no ema state of this layout (it was saved under the other `parallel`); ema starts at step 40" in out
     trainer.close()
+
+
+def test_a_host_staging_copy_is_made_off_the_training_thread():
+    """On a CPU the copy into the staging buffers runs on the Stager's thread: ``stage``
+    returns before it is done, and ``before_params_change`` (called before the optimizer
+    writes the weights) returns only once it is."""
+    import threading
+
+    from ewa.checkpointing import Stager
+
+    gate = threading.Event()
+
+    class Gated(Stager):
+        def _host_copy(self, dst, src):
+            gate.wait(timeout=30)
+            super()._host_copy(dst, src)
+
+    stager = Gated(torch.device("cpu"))
+    weights = torch.arange(1000, dtype=torch.float32)
+    staged, ready = stager.stage({"w": weights}, {}, None)
+    assert not stager._copied.done()  # the training thread goes on while the copy waits
+    threading.Timer(0.2, gate.set).start()
+    stager.before_params_change()
+    weights.add_(1.0)  # the optimizer's step, after the wait
+    ready()
+    assert torch.equal(staged["w"], torch.arange(1000, dtype=torch.float32))
