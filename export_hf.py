@@ -43,8 +43,9 @@ def resolve_source(source: Path, step: int | None, kind: str) -> Path:
 
 
 def run_data_dir(source: Path) -> str | None:
-    """The data_dir of the nearest run config.json beside SOURCE or above it (a relative one is
-    the working directory's, as in training and lawa.py); configs further up are not read."""
+    """The data_dir of the nearest config.json beside SOURCE or above it that names one (a
+    relative one is the working directory's, as in training and lawa.py); configs further up
+    are not read."""
     for config in (p / "config.json" for p in [source, *source.parents]):
         if not config.is_file():
             continue

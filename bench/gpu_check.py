@@ -100,25 +100,26 @@ def workers(pid: int) -> list[int]:
     return found
 
 
-def summary(run_dir: Path, log_interval: int) -> dict:
-    """Figures of a run from its metrics.jsonl, without the first window of each process (it compiles)."""
-    records, train, first = read_metrics(run_dir / "metrics.jsonl"), [], False
-    for r in records:
+def summary(run_dir: Path) -> dict:
+    """Figures of a run from its metrics.jsonl, weighted by the steps of each train record,
+    without the first record of each process (it compiles)."""
+    windows, last, first = [], 0, False  # (record, steps it covers)
+    for r in read_metrics(run_dir / "metrics.jsonl"):
         if r["kind"] == "start":
-            first = True
+            last, first = r["step"], True
         elif r["kind"] == "train":
             if not first:
-                train.append(r)
-            first = False
-    steps = len(train) * log_interval
-    train_s = sum(r["ms_per_step"] for r in train) / len(train) / 1000
+                windows.append((r, r["step"] - last))
+            last, first = r["step"], False
+    steps = sum(n for _, n in windows)
+    mean = lambda key: sum(r.get(key, 0) * n for r, n in windows) / steps  # noqa: E731
     return {
-        "ms_per_step": 1000 * train_s,
-        "mfu": sum(r.get("mfu", 0) for r in train) / len(train),
-        "ckpt_s_per_step": sum(r["ckpt_s"] for r in train) / steps,
-        "eval_s": sum(r["eval_s"] for r in train),
-        "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in train),
-        "tok_per_s": sum(r["tok_per_s"] for r in train) / len(train),
+        "ms_per_step": mean("ms_per_step"),
+        "mfu": mean("mfu"),
+        "ckpt_s_per_step": sum(r["ckpt_s"] for r, _ in windows) / steps,
+        "eval_s": sum(r["eval_s"] for r, _ in windows),
+        "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r, _ in windows),
+        "tok_per_s": mean("tok_per_s"),
     }
 
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
             wall = train(Path(tmp) / name, [*common, *RUNS[name]], stop)
             if stop is not None:
                 check_files(Path(tmp) / name, args.steps)
-            results[name] = summary(Path(tmp) / name, 20) | {"wall_s": wall, "resumed": stop is not None}
+            results[name] = summary(Path(tmp) / name) | {"wall_s": wall, "resumed": stop is not None}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")  # what is done so far
     base = results.get("ddp-base")

@@ -6,8 +6,9 @@ used) under a fake process group of ``--world_size`` ranks: the model built and,
 created by a real optimizer step; the trainer's averagers (every EMA, SWA, online LAWA) built
 by ``build_averagers`` over this rank's share; the pinned buffers of snapshots and resume
 checkpoints allocated by the checkpoint ``Stager`` for what this rank writes (``written_by``:
-its share, or its part of a DDP run's replicated state). Not counted: activations, and the
-block of gathered weights FSDP holds while it computes.
+its share, or its part of a DDP run's replicated state). Not counted: activations, the block
+of gathered weights FSDP holds while it computes, and what evaluating an average holds while it
+runs (a backup of the rank's share and, under DDP, the 64 MiB-per-rank gather rounds).
 
     python bench/memory_plan.py --config=configs/large.py --world_size=8 --lawa_online=True
     python bench/memory_plan.py --config=configs/large.py --world_size=8 --parallel=fsdp --averaging_device=cpu
@@ -49,6 +50,7 @@ def staged_bytes(live: dict[str, torch.Tensor]) -> int:
     stager = Stager(torch.device("meta"))
     with torch.device("meta"):
         stager.stage(live, {}, None)
+    stager.close()
     return nbytes(stager.buffers.values())
 
 

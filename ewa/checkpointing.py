@@ -17,7 +17,8 @@ of each kind in flight at a time:
   reshardable (any number of processes) and never unpickles code (``SafeReader``).
 
 Nothing may change what is being copied: ``before_params_change`` waits for the copies (makes
-the GPU wait for them) before the optimizer, an averager or an evaluation writes the tensors. A failed background write is raised by the next ``check`` or ``wait``.
+the GPU wait for them) before the optimizer, an averager or an evaluation writes the tensors.
+A failed background write is raised by the next ``check`` or ``wait``.
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ class Stager:
         elif copied is not None:
             torch.cuda.current_stream().wait_event(copied)
 
+    def close(self) -> None:
+        if self.copier is not None:
+            self.copier.shutdown(wait=True)
+
 
 class Background:
     """One background thread; its failures are raised on the training thread."""
@@ -205,6 +210,11 @@ class SnapshotWriter:
 
     def before_params_change(self) -> None:
         self.stager.before_params_change()
+
+    def close(self) -> None:
+        """Stop the threads, after the write in flight."""
+        self.background.close()
+        self.stager.close()
 
 
 class _Staged(AsyncStager):
@@ -322,6 +332,11 @@ class ResumeCheckpointer:
 
     def before_params_change(self) -> None:
         self.stager.before_params_change()
+
+    def close(self) -> None:
+        """Stop the threads, after the write in flight."""
+        self.background.close()
+        self.stager.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,8 +192,12 @@ class TrainConfig:
             self._check(0 <= d < 1, f"ema_decays: {d} must be in [0, 1)")
         emas = {"ema": self.ema_decay} if self.ema else {}
         for d in extra:
+            name = f"ema_{d:g}"
+            self._check(
+                emas.get(name, d) == d, f"ema_decays: {d} and {emas.get(name)} are both named {name}; keep one of them"
+            )
             if d not in emas.values():
-                emas[f"ema_{d:g}"] = d
+                emas[name] = d
         return emas
 
     def sequences_per_step(self) -> int:

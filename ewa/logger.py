@@ -116,3 +116,4 @@ class MetricsLogger:
             self._file.close()
             self._file = None
         self.run.finish()
+        self.run = NullRun()  # closed once

@@ -350,7 +350,7 @@ class Trainer:
                 self.log_train()
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 last = self.evaluate()
-            if self.rt.any(self.stop_signal is not None):  # every step: a preempted job has seconds
+            if self.step < cfg.max_steps and self.rt.any(self.stop_signal is not None):  # every step: seconds count
                 self.stop()
             self.checkpoint()
         self.finish()
@@ -589,10 +589,11 @@ class Trainer:
         self.logger.close()
 
     def close(self) -> None:
-        """Stop the background threads (after their work)."""
-        for background in (self.snapshots.background, self.resumes.background):
-            background.close()
+        """Stop the background threads (after their work) and close the logs."""
+        self.snapshots.close()
+        self.resumes.close()
         self.averaging.close()
+        self.logger.close()
 
 
 def run(cfg: TrainConfig) -> dict[str, float]:

@@ -288,9 +288,11 @@ def test_a_two_process_fsdp_checkpoint_resumes_in_one_fsdp_process(runs, tmp_pat
 def test_the_gpu_checks_own_check_holds_on_the_cpu(runs, name):
     """bench/gpu_check.py compares the last resume checkpoint with the last snapshots, value
     for value; written by one process or as shards by two, they agree on the CPU too."""
-    from bench.gpu_check import check_files
+    from bench.gpu_check import check_files, summary
 
     check_files(runs[name], 40)
+    figures = summary(runs[name])  # its figures of training time, weighted by the steps of each record
+    assert figures["ms_per_step"] > 0 and figures["tok_per_s"] > 0 and figures["ckpt_s_per_step"] > 0
 
 
 def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path, data_dir):

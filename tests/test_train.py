@@ -151,5 +151,7 @@ def test_ema_decays_are_checked():
     with pytest.raises(ConfigError, match=r"ema_decays='0.9,x': expected comma-separated numbers"):
         tiny_config(Path("out"), Path("data"), ema_decays="0.9,x")
     assert tiny_config(Path("out"), Path("data"), ema_decays="0.9,0.99").emas() == {"ema": 0.9, "ema_0.99": 0.99}
+    with pytest.raises(ConfigError, match=r"ema_decays: 0.99999951 and 0.9999995 are both named ema_1; keep one"):
+        tiny_config(Path("out"), Path("data"), ema_decays="0.9999995,0.99999951")
     with pytest.raises(ConfigError, match=r"ema_decays: 1.0 must be in \[0, 1\)"):
         tiny_config(Path("out"), Path("data"), ema_decays="1")
