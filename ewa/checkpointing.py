@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -67,7 +68,8 @@ class Stager:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.copier = None if self.cuda else ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewa-staging")
+        on_host = device.type == "cpu"  # (meta, for the memory plan: allocated only, copied in place)
+        self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewa-staging") if on_host else None
         self.buffers: dict[str, torch.Tensor] = {}
         self._copied: torch.cuda.Event | Future | None = None
 
@@ -99,13 +101,17 @@ class Stager:
 
         return out, ready
 
-    def _copy(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> torch.cuda.Event | Future:
-        if self.cuda:
-            return copy_share(dst, src, self.stream)
-        return self.copier.submit(self._host_copy, dst, src)
+    def _copy(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> torch.cuda.Event | Future | None:
+        if self.copier is not None:
+            return self.copier.submit(self._host_copy, dst, src)
+        return copy_share(dst, src, self.stream)
 
     def _host_copy(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-        torch._foreach_copy_(dst, src)
+        """Byte for byte, by numpy: one thread, without the GIL, and without an OpenMP team of
+        its own competing with the training thread's (a torch copy here slowed the training
+        steps of the tiny config by about 12% on 2 cores)."""
+        for d, t in zip(dst, src, strict=True):
+            np.copyto(as_bytes(d), as_bytes(t))
 
     def before_params_change(self) -> None:
         """The live tensors may change once this returns (from a GPU: once the current
@@ -119,6 +125,14 @@ class Stager:
     def close(self) -> None:
         if self.copier is not None:
             self.copier.shutdown(wait=True)
+
+
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_bytes(t: torch.Tensor) -> np.ndarray:
+    """``t``'s memory as a numpy array of integers of its element size (any dtype, any strides)."""
+    return t.detach().view(INT_OF_SIZE[t.element_size()]).numpy()
 
 
 class Background:
