@@ -9,7 +9,7 @@ checkpoint diversity, loss spikes and restarts before one; each writes a table, 
 See `python analyze.py <command> --help` and the README's "Analyses" section.
 """
 
-from ewa.analysis_cli import main
+from ewa.tools.analyze import main
 
 if __name__ == "__main__":
     main()

@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from ewa.checkpoint import CheckpointError, list_checkpoints, snapshot_kinds
-from ewa.data import DataError, read_meta
-from ewa.hf import InputError, export
+from ewa.files import CheckpointError, list_checkpoints, snapshot_kinds
+from ewa.engine.data import DataError, read_meta
+from ewa.tools.hf import InputError, export
 
 
 def is_run_dir(path: Path) -> bool:

@@ -7,7 +7,7 @@ compare each average's validation loss with the raw model's at the same step.
 See `python lawa.py --help` and the README for the window definition.
 """
 
-from ewa.lawa_cli import main
+from ewa.tools.lawa import main
 
 if __name__ == "__main__":
     main()

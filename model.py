@@ -213,7 +213,7 @@ class GPT(nn.Module):
         """GPT-2 weights from the Hugging Face hub (``gpt2``, ``gpt2-medium``, ...), from a local
         directory written by transformers' ``save_pretrained``, or from a snapshot or averaged
         checkpoint of this project (``.safetensors`` recording its model shape)."""
-        from ewa.checkpoint import Weights, model_config_of  # the one safe reader for every format
+        from ewa.files import Weights, model_config_of  # the one safe reader for every format
 
         path = name_or_dir
         if not os.path.exists(path):

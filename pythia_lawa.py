@@ -8,7 +8,7 @@
 See `python pythia_lawa.py <command> --help` and the README.
 """
 
-from ewa.pythia import main
+from ewa.tools.pythia import main
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
     python report.py out/small [--assets=assets]
 """
 
-from ewa.report import main
+from ewa.tools.report import main
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ LAWA (online and offline) and LR-cooldown baselines, then a report and the plots
 See `python reproduce.py --help`.
 """
 
-from ewa.pipeline import main
+from ewa.tools.pipeline import main
 
 if __name__ == "__main__":
     main()

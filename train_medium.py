@@ -4,7 +4,7 @@
     python train_medium.py configs/tiny.py            # any config file, one process, CPU or GPU
 """
 
-from ewa.train import main
+from ewa.engine.trainer import main
 
 if __name__ == "__main__":
     main("configs/medium.py")

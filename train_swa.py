@@ -7,7 +7,7 @@ Without --init_from the run trains from scratch and starts SWA at swa_start. Out
 <out_dir>-swa unless --out_dir is given.
 """
 
-from ewa.train import main
+from ewa.engine.trainer import main
 
 if __name__ == "__main__":
     main("configs/small.py", swa=True)

@@ -38,7 +38,7 @@ from bench.common import (  # noqa: E402
     trainer_parser,
     trainer_summary,
 )
-from ewa.averaging import EMA, SWA, Averager, Averaging, OnlineLAWA  # noqa: E402
+from ewa.engine.averaging import EMA, SWA, Averager, Averaging, OnlineLAWA  # noqa: E402
 
 TARGET = 0.03  # the most each averager may add to the step time
 

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, bench_trainer, median, parse, report, sync, target, trainer_parser, trainer_summary  # noqa: E402
-from ewa.averaging import copy_share  # noqa: E402
-from ewa.checkpoint import atomic_write, save_snapshot  # noqa: E402
+from ewa.engine.averaging import copy_share  # noqa: E402
+from ewa.files import atomic_write, save_snapshot  # noqa: E402
 
 TARGET = 2.0  # background blocking, in in-memory copies of the model
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/<name>.py` imports the project from the checkout
 
 if TYPE_CHECKING:
-    from ewa.train import Trainer
+    from ewa.engine.trainer import Trainer
 
 MiB = 2**20
 START_LOAD = os.getloadavg()[0]  # how busy the machine was when the benchmark started
@@ -70,9 +70,9 @@ def trainer_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
 def bench_trainer(args: argparse.Namespace, overrides: list[str], **fixed: Any) -> Iterator[Trainer]:
     """A Trainer for ``args.config`` with ``overrides``, writing nothing (no fit(): no eval,
     no checkpoints); its out_dir is a temporary folder."""
-    from ewa.config import load_config
-    from ewa.runtime import init_runtime
-    from ewa.train import Trainer
+    from ewa.engine.config import load_config
+    from ewa.engine.runtime import init_runtime
+    from ewa.engine.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="ewa-bench-") as out:
         cfg = load_config(

@@ -30,11 +30,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ewa.averaging import build_averagers  # noqa: E402
-from ewa.checkpointing import Stager, local, written_by  # noqa: E402
-from ewa.config import load_config  # noqa: E402
-from ewa.parallel import layout_of, wrap  # noqa: E402
-from ewa.runtime import Runtime  # noqa: E402
+from ewa.engine.averaging import build_averagers  # noqa: E402
+from ewa.engine.checkpointer import Stager, local, written_by  # noqa: E402
+from ewa.engine.config import load_config  # noqa: E402
+from ewa.engine.parallel import layout_of, wrap  # noqa: E402
+from ewa.engine.runtime import Runtime  # noqa: E402
 from model import GPT  # noqa: E402
 
 GB = 1e9

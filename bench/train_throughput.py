@@ -32,9 +32,9 @@ from bench.common import (  # noqa: E402
     trainer_parser,
     trainer_summary,
 )
-from ewa.config import TrainConfig  # noqa: E402
-from ewa.runtime import Runtime, seed_everything  # noqa: E402
-from ewa.schedule import lr_at  # noqa: E402
+from ewa.engine.config import TrainConfig  # noqa: E402
+from ewa.engine.runtime import Runtime, seed_everything  # noqa: E402
+from ewa.engine.schedule import lr_at  # noqa: E402
 from model import GPT  # noqa: E402
 
 # the table: columns shown, with their format

@@ -19,10 +19,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from ewa.checkpoint import list_checkpoints, snapshot_name  # noqa: E402
-from ewa.checkpointing import read_resume  # noqa: E402
-from ewa.config import TrainConfig  # noqa: E402
-from ewa.prepare import prepare_texts  # noqa: E402
+from ewa.files import list_checkpoints, snapshot_name  # noqa: E402
+from ewa.engine.checkpointer import read_resume  # noqa: E402
+from ewa.engine.config import TrainConfig  # noqa: E402
+from ewa.tools.prepare import prepare_texts  # noqa: E402
 
 SHAKESPEARE = runpy.run_path(str(ROOT / "data" / "shakespeare" / "prepare.py"))
 
@@ -80,7 +80,7 @@ def tiny_config(out_dir: Path, data_dir: Path, **overrides) -> TrainConfig:
 
 def signalled_at(step: int) -> type:
     """A Trainer that receives a preemption signal (SIGTERM) during step ``step``."""
-    from ewa.train import Trainer
+    from ewa.engine.trainer import Trainer
 
     class Signalled(Trainer):
         def train_step(self):

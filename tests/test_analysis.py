@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_config
-from ewa import lawa_cli
-from ewa.analysis import (
+from ewa.tools import lawa as lawa_cli
+from ewa.tools.analysis import (
     AnalysisError,
     DiversityRun,
     Threshold,
@@ -28,12 +28,12 @@ from ewa.analysis import (
     spikes_after,
     trend,
 )
-from ewa.analysis_cli import main
-from ewa.checkpoint import load_weights
-from ewa.merge import reference_average
-from ewa.logger import read_metrics
-from ewa.runtime import init_runtime
-from ewa.train import run
+from ewa.tools.analyze import main
+from ewa.files import load_weights
+from ewa.tools.merge import reference_average
+from ewa.engine.logger import read_metrics
+from ewa.engine.runtime import init_runtime
+from ewa.engine.trainer import run
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +309,7 @@ def test_zero_shot_of_raw_ema_and_lawa_in_memory_equals_the_exported_models(long
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ewa.hf import export, prefix_token_id
+    from ewa.tools.hf import export, prefix_token_id
 
     high = long_context_run
     tasks_module = runpy.run_path(str(ROOT / "data" / "shakespeare" / "tasks.py"))

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ewa.averaging import EMA, SWA, Averaging, OnlineLAWA
-from ewa.parallel import FlatLayout
+from ewa.engine.averaging import EMA, SWA, Averaging, OnlineLAWA
+from ewa.engine.parallel import FlatLayout
 
 SHAPES = [torch.Size([4, 3]), torch.Size([5])]
 CPU = torch.device("cpu")

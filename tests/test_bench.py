@@ -138,7 +138,7 @@ def test_memory_plan_counts_each_ranks_share(parallel):
     )
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
-    from ewa.config import load_config
+    from ewa.engine.config import load_config
     from model import GPT
 
     with torch.device("meta"):

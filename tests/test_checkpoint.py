@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from ewa.checkpoint import (
+from ewa.files import (
     CheckpointError,
     Weights,
     atomic_write,
@@ -123,7 +123,7 @@ def test_our_safetensors_writer_is_read_by_safetensors_itself(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ewa.checkpoint import write_safetensors
+    from ewa.files import write_safetensors
 
     torch.manual_seed(0)
     tensors = {"w": torch.randn(3, 5), "b": torch.randn(7).bfloat16(), "e": torch.zeros(0), "x": torch.randn(2, 2).t()}
@@ -137,7 +137,7 @@ def test_our_safetensors_writer_is_read_by_safetensors_itself(tmp_path):
 def test_unsigned_and_float8_tensors_read_back_bit_for_bit(tmp_path):
     from safetensors.torch import load_file
 
-    from ewa.checkpoint import write_safetensors
+    from ewa.files import write_safetensors
 
     torch.manual_seed(0)
     tensors = {f"u{bits}": torch.randint(0, 2**15, (4, 3)).to(getattr(torch, f"uint{bits}")) for bits in (16, 32)}

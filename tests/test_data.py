@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ewa.data import BatchSampler, DataError, eval_offsets, eval_windows, fingerprint, open_tokens, read_meta
-from ewa.prepare import prepare_texts, write_tokens
-from ewa.tokenizer import get_tokenizer
+from ewa.engine.data import BatchSampler, DataError, eval_offsets, eval_windows, fingerprint, open_tokens, read_meta
+from ewa.tools.prepare import prepare_texts, write_tokens
+from ewa.tools.tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,8 @@ SCRIPTS = ["analyze", "export_hf", "lawa", "model", "pythia_lawa", "report", "re
 
 
 def test_every_module_and_every_import_in_it_resolves():
-    modules = [m.name for m in pkgutil.iter_modules(ewa.__path__, "ewa.")]
-    assert len(modules) >= 20 and "ewa.merge" in modules and "ewa.hf" in modules
+    modules = [m.name for m in pkgutil.walk_packages(ewa.__path__, "ewa.")]
+    assert len(modules) >= 20 and "ewa.tools.merge" in modules and "ewa.engine.trainer" in modules
     for name in modules + SCRIPTS:
         module = importlib.import_module(name)
         for node in ast.walk(ast.parse(open(module.__file__).read())):

@@ -9,12 +9,12 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT, random_checkpoints, tiny_config
-from ewa.checkpoint import CheckpointError, load_weights, snapshot_name
-from ewa.merge import Merger
-from ewa.lawa_cli import parse_args
-from ewa.lawa_cli import run as run_lawa
-from ewa.logger import read_metrics
-from ewa.train import run as train
+from ewa.files import CheckpointError, load_weights, snapshot_name
+from ewa.tools.merge import Merger
+from ewa.tools.lawa import parse_args
+from ewa.tools.lawa import run as run_lawa
+from ewa.engine.logger import read_metrics
+from ewa.engine.trainer import run as train
 from model import GPT
 
 

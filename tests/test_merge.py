@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT, random_checkpoints
-from ewa.checkpoint import Weights, load_weights
-from ewa.merge import (
+from ewa.files import Weights, load_weights
+from ewa.tools.merge import (
     Merger,
     PlanError,
     Window,
@@ -172,8 +172,8 @@ def test_averages_keep_the_dtype_and_take_exact_tensors_from_the_newest(tmp_path
 MEMORY_PROBE = """
 import sys, threading, time
 from pathlib import Path
-from ewa.checkpoint import list_checkpoints
-from ewa.merge import Merger, plan_windows, stream_averages, streaming_order
+from ewa.files import list_checkpoints
+from ewa.tools.merge import Merger, plan_windows, stream_averages, streaming_order
 def status(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 paths = list_checkpoints(Path(sys.argv[1]))

@@ -17,22 +17,22 @@ import pytest
 import torch
 
 from conftest import ROOT, resume_state, signalled_at, tiny_config, write_config_file
-from ewa.checkpoint import CheckpointError, Weights, list_checkpoints, load_weights, save_snapshot
-from ewa.checkpointing import SafeReader, SnapshotWriter
-from ewa.config import config_from_dict
-from ewa.logger import read_metrics
-from ewa.parallel import FlatLayout
-from ewa.runtime import peak_flops_of
-from ewa.train import run
+from ewa.files import CheckpointError, Weights, list_checkpoints, load_weights, save_snapshot
+from ewa.engine.checkpointer import SafeReader, SnapshotWriter
+from ewa.engine.config import config_from_dict
+from ewa.engine.logger import read_metrics
+from ewa.engine.parallel import FlatLayout
+from ewa.engine.runtime import peak_flops_of
+from ewa.engine.trainer import run
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
 # One rank of a run: trains, then writes what the rank holds to <out>/rank<r>.json.
 RANK_REPORT = """
 import json, sys, torch
-from ewa.config import load_config
-from ewa.runtime import init_runtime, shutdown
-from ewa.train import Trainer
+from ewa.engine.config import load_config
+from ewa.engine.runtime import init_runtime, shutdown
+from ewa.engine.trainer import Trainer
 cfg = load_config(sys.argv[1], sys.argv[3:])
 rt = init_runtime(cfg.device, cfg.dtype, group=cfg.parallel == "fsdp")
 trainer = Trainer(cfg, rt)
@@ -158,7 +158,7 @@ def test_sharded_snapshots_read_as_the_weights_and_feed_lawa(runs, parallel):
 def test_an_incomplete_sharded_snapshot_is_not_listed_and_is_named(tmp_path):
     layout = FlatLayout(["w"], [torch.Size([10])], world=2, rank=0)
     folder = tmp_path / "step_00000005"
-    from ewa.checkpoint import save_snapshot_shard
+    from ewa.files import save_snapshot_shard
 
     save_snapshot_shard(folder, 0, 2, [("w", 0, torch.Size([10]), torch.ones(5))], {"step": "5"})
     assert list_checkpoints(tmp_path) == {}
@@ -191,7 +191,7 @@ def test_background_snapshot_equals_a_synchronous_save(tmp_path):
 # background writer writes its shard, cuts it short, and SIGKILLs the process.
 DIES_DURING_ASYNC_SAVE = """
 import os, runpy, signal, sys
-import ewa.checkpointing as ck
+import ewa.engine.checkpointer as ck
 class Dying(ck.FileSystemWriter):
     def write_data(self, plan, planner):
         if f"step_{int(os.environ['KILL_AT']):08d}" in str(self.path):
@@ -210,7 +210,7 @@ runpy.run_path("train_small.py", run_name="__main__")
 
 
 def assert_every_checkpoint_loads(run_dir: Path) -> None:
-    from ewa.checkpointing import read_resume
+    from ewa.engine.checkpointer import read_resume
 
     for path in list_checkpoints(run_dir / "resume").values():
         read_resume(path)
@@ -324,12 +324,12 @@ def test_the_batch_split_error_is_printed_once_with_choices_that_work(tmp_path, 
 
 def test_the_evaluation_is_left_out_of_the_throughput(tmp_path, data_dir, monkeypatch):
     """On a fake clock: a training step takes 1 s, scoring one model 50 s."""
-    import ewa.train
-    from ewa.runtime import init_runtime
-    from ewa.train import Trainer
+    import ewa.engine.trainer
+    from ewa.engine.runtime import init_runtime
+    from ewa.engine.trainer import Trainer
 
     clock = [0.0]
-    monkeypatch.setattr(ewa.train.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(ewa.engine.trainer.time, "perf_counter", lambda: clock[0])
 
     class Timed(Trainer):
         def train_step(self):
@@ -362,8 +362,8 @@ def test_mfu_peaks_by_exact_device():
 def test_averages_are_restored_in_place_on_the_parameters_device(tmp_path, data_dir):
     """Resume loads every average into the buffers the averagers allocated, on the device
     they were asked for (the training device), never into tensors left where the file was read."""
-    from ewa.runtime import init_runtime
-    from ewa.train import Trainer
+    from ewa.engine.runtime import init_runtime
+    from ewa.engine.trainer import Trainer
 
     cfg = averaging_config(tmp_path / "run", data_dir, max_steps=30)
     run(cfg)
@@ -430,11 +430,11 @@ def test_background_averaging_is_checkpointed_consistently(tmp_path, data_dir, m
     and resumed keeps its LAWA window and SWA count."""
     import time as clock
 
-    import ewa.averaging
-    from ewa.runtime import init_runtime
-    from ewa.train import Preempted
+    import ewa.engine.averaging
+    from ewa.engine.runtime import init_runtime
+    from ewa.engine.trainer import Preempted
 
-    for cls in (ewa.averaging.EMA, ewa.averaging.SWA, ewa.averaging.OnlineLAWA):
+    for cls in (ewa.engine.averaging.EMA, ewa.engine.averaging.SWA, ewa.engine.averaging.OnlineLAWA):
         slow = cls.update
         monkeypatch.setattr(
             cls, "update", lambda self, share, step, slow=slow: (clock.sleep(0.05), slow(self, share, step))[1]
@@ -457,8 +457,8 @@ def test_background_averaging_is_checkpointed_consistently(tmp_path, data_dir, m
 
 def test_a_fsdp_checkpoint_continues_under_ddp_in_one_process(runs, tmp_path, capsys):
     """Switching `parallel` keeps the model and optimizer; the averages, sharded otherwise, restart."""
-    from ewa.runtime import init_runtime
-    from ewa.train import Trainer
+    from ewa.engine.runtime import init_runtime
+    from ewa.engine.trainer import Trainer
 
     saved = json.loads((runs["fsdp"] / "config.json").read_text())
     cfg = config_from_dict(saved).replace(
@@ -483,7 +483,7 @@ def test_a_host_staging_copy_is_made_off_the_training_thread():
     writes the weights) returns only once it is."""
     import threading
 
-    from ewa.checkpointing import Stager
+    from ewa.engine.checkpointer import Stager
 
     gate = threading.Event()
 

@@ -2,8 +2,8 @@ import json
 from pathlib import Path
 
 from conftest import tiny_config, write_config_file
-from ewa.logger import read_metrics
-from ewa.pipeline import parse_args, run_pipeline
+from ewa.engine.logger import read_metrics
+from ewa.tools.pipeline import parse_args, run_pipeline
 
 
 def test_pipeline_end_to_end_then_reuses_finished_stages(tmp_path, data_dir, capsys):

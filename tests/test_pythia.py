@@ -12,10 +12,10 @@ from hf_models import direct_nll, reference_average, save_revision, tiny_neox, w
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import STEPS
-from ewa.checkpoint import CheckpointError
-from ewa.hf import read_held_out
-from ewa.merge import WindowPlan
-from ewa.pythia import check_members, gpu_hours_per_step, main, open_source, saving
+from ewa.files import CheckpointError
+from ewa.tools.hf import read_held_out
+from ewa.tools.merge import WindowPlan
+from ewa.tools.pythia import check_members, gpu_hours_per_step, main, open_source, saving
 
 WINDOW = ["--k", "3", "--nu", "1000", "--interval", "1000", "--start", "3000"]  # windows at 3000..6000
 

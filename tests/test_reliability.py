@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import ewa.checkpoint
-import ewa.checkpointing
+import ewa.files
+import ewa.engine.checkpointer
 from conftest import ROOT, resume_state, tiny_config, write_config_file
-from ewa.checkpoint import CheckpointError, Weights, list_checkpoints
-from ewa.checkpointing import read_resume
-from ewa.logger import read_metrics
-from ewa.runtime import init_runtime
-from ewa.train import NonFiniteLoss, Trainer, run
+from ewa.files import CheckpointError, Weights, list_checkpoints
+from ewa.engine.checkpointer import read_resume
+from ewa.engine.logger import read_metrics
+from ewa.engine.runtime import init_runtime
+from ewa.engine.trainer import NonFiniteLoss, Trainer, run
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
@@ -27,7 +27,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 # temporary file is cut short and the process SIGKILLs itself before the rename.
 DIES_WHILE_WRITING = """
 import os, runpy, signal, sys
-import ewa.checkpoint as ck
+import ewa.files as ck
 calls, real = [0], ck.atomic_write
 def atomic_write(path, write):
     calls[0] += 1
@@ -142,7 +142,7 @@ def test_sigterm_saves_a_resume_checkpoint_and_exits_cleanly(reference, tmp_path
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_a_failing_disk_stops_the_run_and_keeps_the_last_resume_checkpoint(tmp_path, data_dir, monkeypatch, code):
-    real, calls = ewa.checkpoint.write_safetensors, [0]
+    real, calls = ewa.files.write_safetensors, [0]
 
     def failing(path, tensors, metadata):
         calls[0] += 1
@@ -150,7 +150,7 @@ def test_a_failing_disk_stops_the_run_and_keeps_the_last_resume_checkpoint(tmp_p
             raise OSError(code, os.strerror(code))
         return real(path, tensors, metadata)
 
-    monkeypatch.setattr(ewa.checkpoint, "write_safetensors", failing)
+    monkeypatch.setattr(ewa.files, "write_safetensors", failing)
     cfg = tiny_config(tmp_path / "run", data_dir)
     with pytest.raises(CheckpointError, match=rf"could not write .*step_00000030.safetensors: {os.strerror(code)}; "
                                               r"the last good resume checkpoint is .*step_000000[23]0$"):
@@ -161,13 +161,13 @@ def test_a_failing_disk_stops_the_run_and_keeps_the_last_resume_checkpoint(tmp_p
 
 
 def test_a_failing_resume_write_stops_the_run_at_the_next_step(tmp_path, data_dir, monkeypatch):
-    class FailsAt20(ewa.checkpointing.FileSystemWriter):
+    class FailsAt20(ewa.engine.checkpointer.FileSystemWriter):
         def write_data(self, plan, planner):
             if "step_00000020" in str(self.path):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return super().write_data(plan, planner)
 
-    monkeypatch.setattr(ewa.checkpointing, "FileSystemWriter", FailsAt20)
+    monkeypatch.setattr(ewa.engine.checkpointer, "FileSystemWriter", FailsAt20)
     with pytest.raises(CheckpointError, match=r"could not write the resume checkpoint .*\.step_00000020.tmp: .*"
                                               r"No space left on device.*the last good resume checkpoint is .*step_00000010$"):
         run(tiny_config(tmp_path / "run", data_dir))
@@ -239,7 +239,7 @@ def test_a_damaged_latest_resume_checkpoint_falls_back_to_the_previous(tmp_path,
 
 FAILING_RANK = """
 import os, runpy, sys
-from ewa.train import Trainer
+from ewa.engine.trainer import Trainer
 real = Trainer.train_step
 def train_step(self):
     if self.rt.rank == 1 and self.step == 5:

@@ -4,9 +4,9 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from ewa.config import TrainConfig
-from ewa.merge import merge_weights
-from ewa.report import (
+from ewa.engine.config import TrainConfig
+from ewa.tools.merge import merge_weights
+from ewa.tools.report import (
     ema_age,
     first_step_reaching,
     gains_at_fractions,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.optim.swa_utils import SWALR
 
-from ewa.config import TrainConfig
-from ewa.schedule import base_lr, lr_at
+from ewa.engine.config import TrainConfig
+from ewa.engine.schedule import base_lr, lr_at
 
 
 def cfg(**kw) -> TrainConfig:

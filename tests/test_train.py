@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import ROOT, resume_state, signalled_at, tiny_config
-from ewa.checkpoint import CheckpointError, list_checkpoints, load_weights
-from ewa.config import ConfigError
-from ewa.logger import read_metrics
-from ewa.runtime import init_runtime
-from ewa.train import Preempted, run
+from ewa.files import CheckpointError, list_checkpoints, load_weights
+from ewa.engine.config import ConfigError
+from ewa.engine.logger import read_metrics
+from ewa.engine.runtime import init_runtime
+from ewa.engine.trainer import Preempted, run
 
 
 def evals(run_dir: Path) -> dict[int, dict]:

@@ -13,12 +13,12 @@ import types
 import pytest
 
 from conftest import ROOT, tiny_config, write_config_file
-from ewa.analysis_cli import main as analyze
-from ewa.checkpoint import list_checkpoints
-from ewa.lawa_cli import parse_args
-from ewa.lawa_cli import run as run_lawa
-from ewa.logger import WANDB_ID_FILE
-from ewa.train import run as train
+from ewa.tools.analyze import main as analyze
+from ewa.files import list_checkpoints
+from ewa.tools.lawa import parse_args
+from ewa.tools.lawa import run as run_lawa
+from ewa.engine.logger import WANDB_ID_FILE
+from ewa.engine.trainer import run as train
 
 
 class FakeRun:

@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `ewa`
 
-from ewa.prepare import split_done, token_dtype, tokenize_example, write_meta, write_tokens  # noqa: E402
-from ewa.tokenizer import get_tokenizer  # noqa: E402
+from ewa.tools.prepare import split_done, token_dtype, tokenize_example, write_meta, write_tokens  # noqa: E402
+from ewa.tools.tokenizer import get_tokenizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VAL_FRACTION = 0.0005  # nanoGPT's split: ~4M validation tokens

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `ewa`
 
-from ewa.prepare import prepare_texts  # noqa: E402
+from ewa.tools.prepare import prepare_texts  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VAL_FRACTION = 0.1

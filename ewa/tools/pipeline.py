@@ -32,13 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ewa import lawa_cli, report, train
-from ewa.checkpoint import CheckpointError, atomic_write_text, list_checkpoints
-from ewa.config import ConfigError, TrainConfig, load_config
-from ewa.data import DataError
-from ewa.merge import WindowPlan
+from ewa.engine import trainer as train
+from ewa.tools import lawa as lawa_cli
+from ewa.tools import report
+from ewa.files import CheckpointError, atomic_write_text, list_checkpoints
+from ewa.engine.config import ConfigError, TrainConfig, load_config
+from ewa.engine.data import DataError
+from ewa.tools.merge import WindowPlan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ewa.checkpoint import (
+from ewa.files import (
     CheckpointError,
     Weights,
     list_checkpoints,
@@ -29,13 +29,13 @@ from ewa.checkpoint import (
     snapshot_kinds,
     snapshot_name,
 )
-from ewa.config import ConfigError, TrainConfig, config_from_dict, read_config_file
-from ewa.data import DataError, eval_windows, fingerprint, open_tokens, read_meta
-from ewa.evaluate import Evaluator
-from ewa.logger import MetricsLogger, log_section, open_wandb, read_metrics
-from ewa.merge import Evaluation, Merger, PlanError, TensorStream, Window, WindowPlan, score_models, streaming_order
-from ewa.report import load_run
-from ewa.runtime import Runtime, init_runtime, shutdown
+from ewa.engine.config import ConfigError, TrainConfig, config_from_dict, read_config_file
+from ewa.engine.data import DataError, eval_windows, fingerprint, open_tokens, read_meta
+from ewa.engine.evaluate import Evaluator
+from ewa.engine.logger import MetricsLogger, log_section, open_wandb, read_metrics
+from ewa.tools.merge import Evaluation, Merger, PlanError, TensorStream, Window, WindowPlan, score_models, streaming_order
+from ewa.tools.report import load_run
+from ewa.engine.runtime import Runtime, init_runtime, shutdown
 from model import GPT, GPTConfig
 
 KINDS = {"newest": "raw", "average": "lawa"}

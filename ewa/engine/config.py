@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ewa.merge import merge_weights
+from ewa.tools.merge import merge_weights
 from model import GPTConfig
 
 
@@ -330,7 +330,7 @@ def load_config(default_file: str | os.PathLike, argv: list[str] | None = None, 
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
-    from ewa.checkpoint import atomic_write_text
+    from ewa.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")
 

@@ -8,9 +8,9 @@ the paper), or any folder of ``save_pretrained`` directories named by step.
     python pythia_lawa.py savings    out/pythia-1b-deduped/perplexity.jsonl --tolerance 0 0.5 1
 
 This module holds what is Pythia's own: hub revisions, the GPU-hour table and the savings, and
-the commands. Windows, averages and their evaluation are the shared engine's (``ewa.merge``:
+the commands. Windows, averages and their evaluation are the shared engine's (``ewa.tools.merge``:
 by default with the paper's settings k=5, nu=1000, interval=3000, from step 21000), and the
-Hugging Face side is ``ewa.hf``'s: the model under evaluation holds the original weights of a
+Hugging Face side is ``ewa.tools.hf``'s: the model under evaluation holds the original weights of a
 window's step and its LAWA weights in turn, one model in memory, no disk writes unless asked.
 """
 
@@ -34,16 +34,16 @@ from huggingface_hub.errors import (
 )
 from tqdm import tqdm
 
-from ewa import hf
-from ewa.checkpoint import CheckpointError, atomic_write_text, list_checkpoints
-from ewa.config import ConfigError
-from ewa.hf import InputError
-from ewa.logger import MetricsLogger, read_metrics
-from ewa.merge import Evaluation, Merger, PlanError, TensorStream, Window, WindowPlan, score_models
-from ewa.runtime import resolve_device
+from ewa.tools import hf
+from ewa.files import CheckpointError, atomic_write_text, list_checkpoints
+from ewa.engine.config import ConfigError
+from ewa.tools.hf import InputError
+from ewa.engine.logger import MetricsLogger, read_metrics
+from ewa.tools.merge import Evaluation, Merger, PlanError, TensorStream, Window, WindowPlan, score_models
+from ewa.engine.runtime import resolve_device
 
 PYTHIA_LAST_STEP = 143000  # the last revision of every Pythia model
-GPU_HOURS_FILE = Path(__file__).resolve().parents[1] / "configs" / "pythia_gpu_hours.json"
+GPU_HOURS_FILE = Path(__file__).resolve().parents[2] / "configs" / "pythia_gpu_hours.json"
 HUB_FILES = ["*.json", "*.txt", "*.model"]  # config, tokenizer, shard index: all but the weights
 KINDS = {"newest": "original", "average": "lawa"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ewa.runtime import Runtime
+from ewa.engine.runtime import Runtime
 
 
 class Evaluator:

@@ -23,8 +23,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from ewa import hf
-from ewa.analysis import (
+from ewa.tools import hf
+from ewa.tools.analysis import (
     Ablation,
     AnalysisError,
     DiversityRun,
@@ -48,18 +48,18 @@ from ewa.analysis import (
     steps_at_fractions,
     zero_shot_models,
 )
-from ewa.analysis_plots import plot_ablation, plot_diversity, plot_lmc, plot_recovery, plot_spikes
-from ewa.checkpoint import CheckpointError, atomic_write, atomic_write_text, list_checkpoints
-from ewa.config import ConfigError, TrainConfig, config_from_dict
-from ewa.data import DataError, read_meta
-from ewa.evaluate import Evaluator
-from ewa.hf import InputError
-from ewa.lawa_cli import Source, add_eval_options, add_window_options, build_evaluator, integer, open_from_args
-from ewa.logger import log_section, open_wandb, read_metrics
-from ewa.merge import Merger, PlanError, TensorStream, Window, WindowPlan, score_models
-from ewa.pipeline import Stages, branch_config, train_stage
-from ewa.runtime import Runtime, init_runtime
-from ewa.train import resume_dir, snapshot_dir
+from ewa.tools.plots import plot_ablation, plot_diversity, plot_lmc, plot_recovery, plot_spikes
+from ewa.files import CheckpointError, atomic_write, atomic_write_text, list_checkpoints
+from ewa.engine.config import ConfigError, TrainConfig, config_from_dict
+from ewa.engine.data import DataError, read_meta
+from ewa.engine.evaluate import Evaluator
+from ewa.tools.hf import InputError
+from ewa.tools.lawa import Source, add_eval_options, add_window_options, build_evaluator, integer, open_from_args
+from ewa.engine.logger import log_section, open_wandb, read_metrics
+from ewa.tools.merge import Merger, PlanError, TensorStream, Window, WindowPlan, score_models
+from ewa.tools.pipeline import Stages, branch_config, train_stage
+from ewa.engine.runtime import Runtime, init_runtime
+from ewa.engine.trainer import resume_dir, snapshot_dir
 from model import GPT
 
 

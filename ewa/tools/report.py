@@ -4,7 +4,7 @@ paper's decay and at a matched horizon, and the paper-style plots.
 
 **Horizon-matched EMA.** An EMA updated every step with decay d gives the weights of j steps
 ago the coefficient (1 - d) d^j: their mean age is d / (1 - d) steps. A LAWA window's members
-are (k - i) nu steps old with coefficients c_i (``ewa.merge.merge_weights``): mean age
+are (k - i) nu steps old with coefficients c_i (``ewa.tools.merge.merge_weights``): mean age
 sum_i c_i (k - i) nu, which is (k - 1) nu / 2 for the uniform window. The horizon-matched EMA
 has the window's mean age: d = a / (1 + a) (``horizon_matched_decay``). Why the mean age: on a
 trajectory moving at a steady velocity v, any average whose coefficients sum to 1 lags the
@@ -31,10 +31,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ewa.checkpoint import atomic_write, atomic_write_text
-from ewa.config import config_from_dict
-from ewa.logger import read_metrics
-from ewa.merge import merge_weights
+from ewa.files import atomic_write, atomic_write_text
+from ewa.engine.config import config_from_dict
+from ewa.engine.logger import read_metrics
+from ewa.tools.merge import merge_weights
 
 Curve = dict[int, float]  # step -> val loss
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)

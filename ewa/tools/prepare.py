@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ewa.checkpoint import atomic_write, atomic_write_text
-from ewa.tokenizer import get_tokenizer
+from ewa.files import atomic_write, atomic_write_text
+from ewa.tools.tokenizer import get_tokenizer
 
 
 def token_dtype(vocab_size: int) -> str:

@@ -2,9 +2,9 @@
 
 One ``Trainer`` runs the loop (batch -> forward/backward -> optimizer step) under DDP or FSDP2
 (``parallel``), updates the averagers (EMA, SWA, online LAWA: each rank holds its share of
-them, see ``ewa.parallel``) after every step, evaluates the raw model and every average on
+them, see ``ewa.engine.parallel``) after every step, evaluates the raw model and every average on
 the same fixed held-out tokens, writes weights-only snapshots for offline averaging and
-resume checkpoints in the background (``ewa.checkpointing``), and logs to stdout,
+resume checkpoints in the background (``ewa.engine.checkpointer``), and logs to stdout,
 metrics.jsonl and wandb.
 
 Run directory:
@@ -31,18 +31,18 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from ewa.averaging import Averaging, build_averagers
-from ewa.checkpoint import CheckpointError, list_checkpoints, load_weights, snapshot_kinds
-from ewa.checkpointing import ResumeCheckpointer, SafeReader, SnapshotWriter, load_into, read_meta
-from ewa.config import ConfigError, TrainConfig, load_config, save_config
-from ewa.data import BatchSampler, DataError, eval_windows, fingerprint, open_tokens
-from ewa.data import read_meta as read_data_meta
-from ewa.evaluate import Evaluator
-from ewa.logger import MetricsLogger, NullRun, open_wandb
-from ewa.merge import Merger, Window, window_members
-from ewa.parallel import accumulating, layout_of, wrap
-from ewa.runtime import Runtime, init_runtime, peak_flops, seed_everything, shutdown
-from ewa.schedule import lr_at
+from ewa.engine.averaging import Averaging, build_averagers
+from ewa.files import CheckpointError, list_checkpoints, load_weights, snapshot_kinds
+from ewa.engine.checkpointer import ResumeCheckpointer, SafeReader, SnapshotWriter, load_into, read_meta
+from ewa.engine.config import ConfigError, TrainConfig, load_config, save_config
+from ewa.engine.data import BatchSampler, DataError, eval_windows, fingerprint, open_tokens
+from ewa.engine.data import read_meta as read_data_meta
+from ewa.engine.evaluate import Evaluator
+from ewa.engine.logger import MetricsLogger, NullRun, open_wandb
+from ewa.tools.merge import Merger, Window, window_members
+from ewa.engine.parallel import accumulating, layout_of, wrap
+from ewa.engine.runtime import Runtime, init_runtime, peak_flops, seed_everything, shutdown
+from ewa.engine.schedule import lr_at
 from model import GPT, GPT2_SIZES
 
 

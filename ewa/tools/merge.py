@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ewa.checkpoint import CheckpointError, Weights, check_compatible
+from ewa.files import CheckpointError, Weights, check_compatible
 
 Tensors = dict[str, torch.Tensor]
 TensorStream = Iterable[tuple[str, torch.Tensor]]  # (name, tensor) pairs, read as they are needed

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from matplotlib.figure import Figure
 
-from ewa.analysis import Series, trend
+from ewa.tools.analysis import Series, trend
 
 
 def plot_ablation(raw: Series, lawa: dict[tuple[int, int], Series], ks: list[int], nus: list[int]) -> Figure:

@@ -7,7 +7,7 @@ of each kind in flight at a time:
 
 - ``SnapshotWriter``: the rank's share of the raw, EMA and SWA weights as safetensors: one file
   in a single-process run, the rank's shard file of a ``step_XXXXXXXX/`` directory otherwise
-  (formats in ``ewa.checkpoint``).
+  (formats in ``ewa.files``).
 - ``ResumeCheckpointer``: the whole trainer state through ``torch.distributed.checkpoint``
   (``async_save``): every rank writes its own shards into ``resume/.step_XXXXXXXX.tmp/``, which
   rank 0 renames to ``resume/step_XXXXXXXX/`` once every rank is done, so a checkpoint under
@@ -43,8 +43,8 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
-from ewa.averaging import copy_share
-from ewa.checkpoint import (
+from ewa.engine.averaging import copy_share
+from ewa.files import (
     CheckpointError,
     atomic_write_text,
     fsync_path,
@@ -52,7 +52,7 @@ from ewa.checkpoint import (
     save_snapshot_shard,
     snapshot_name,
 )
-from ewa.parallel import Layout
+from ewa.engine.parallel import Layout
 
 # a lone process saves and loads without a process group, as intended
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")

@@ -11,7 +11,7 @@
   and whether the LAWA curve jumps there too; and recovery (PMA-init, beyond the paper): the
   run restarted before a spike from its raw checkpoint and from the LAWA average there;
 - zero-shot (Table 2, for our own runs): the raw, EMA, SWA and LAWA models at a few steps, as
-  ``GPT2LMHeadModel`` in memory, through lm-evaluation-harness (``ewa.hf``).
+  ``GPT2LMHeadModel`` in memory, through lm-evaluation-harness (``ewa.tools.hf``).
 
 Every model but the zero-shot ones is scored by an ``Evaluator`` over the same fixed held-out
 windows.
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from ewa.checkpoint import Weights, check_compatible, list_checkpoints, load_weights, snapshot_kinds
-from ewa.evaluate import Evaluator
-from ewa.merge import Merger, Model, Window, plan_windows, stream_averages, streaming_order, window_members
+from ewa.files import Weights, check_compatible, list_checkpoints, load_weights, snapshot_kinds
+from ewa.engine.evaluate import Evaluator
+from ewa.tools.merge import Merger, Model, Window, plan_windows, stream_averages, streaming_order, window_members
 from model import GPT
 
 Tensors = dict[str, torch.Tensor]

@@ -40,7 +40,7 @@ def open_wandb(
     the same wandb run."""
     import wandb
 
-    from ewa.checkpoint import atomic_write_text
+    from ewa.files import atomic_write_text
 
     os.environ.setdefault("WANDB_SILENT", "true")
     id_file = Path(run_dir) / WANDB_ID_FILE
@@ -97,7 +97,7 @@ class MetricsLogger:
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         self._file.close()
-        from ewa.checkpoint import atomic_write_text
+        from ewa.files import atomic_write_text
 
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a")

@@ -1,7 +1,7 @@
 """Weight averages kept during training: EMA, SWA and online LAWA, over this rank's share.
 
 Each averager holds fp32 state for the rank's share of the parameters only (see
-``ewa.parallel``): a flat buffer viewed as the share's pieces. It sees the share after every
+``ewa.engine.parallel``): a flat buffer viewed as the share's pieces. It sees the share after every
 optimizer step it ``acts`` on (and at the run's first step, the initial weights), and keeps
 its counters with its tensors so a resumed run continues the same average. Updates are
 multi-tensor ``torch._foreach_*`` ops.
@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ewa.merge import merge_weights
-from ewa.parallel import Shares
+from ewa.tools.merge import merge_weights
+from ewa.engine.parallel import Shares
 
 if TYPE_CHECKING:
-    from ewa.config import TrainConfig
+    from ewa.engine.config import TrainConfig
 
 Tensors = list[torch.Tensor]
 SUM_BLOCK = 1 << 22  # elements summed in float64 at a time by online LAWA
@@ -133,7 +133,7 @@ class SWA(Averager):
 class OnlineLAWA(Averager):
     """LAWA during training: keeps the share at the k latest multiples of nu in k slots,
     and at a step t that is one of them averages t, t - nu, ..., t - (k-1)*nu in float64
-    (uniformly, or with the coefficients of ``ewa.merge.merge_weights``): the same window,
+    (uniformly, or with the coefficients of ``ewa.tools.merge.merge_weights``): the same window,
     and the same figure, as offline ``lawa.py`` over the run's snapshots."""
 
     name = "lawa"

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ewa.checkpoint import (
+from ewa.files import (
     HF_GPT2_TRANSPOSED,
     SHARD_BYTES,
     CheckpointError,
@@ -35,8 +35,8 @@ from ewa.checkpoint import (
     model_config_of,
     save_safetensors,
 )
-from ewa.merge import Evaluation, TensorStream
-from ewa.tokenizer import local_gpt2_files
+from ewa.tools.merge import Evaluation, TensorStream
+from ewa.tools.tokenizer import local_gpt2_files
 from model import GPTConfig
 
 if TYPE_CHECKING:

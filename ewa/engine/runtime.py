@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ewa.config import ConfigError
+from ewa.engine.config import ConfigError
 
 
 @dataclass(frozen=True)

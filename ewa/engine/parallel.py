@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 if TYPE_CHECKING:
-    from ewa.runtime import Runtime
+    from ewa.engine.runtime import Runtime
 
 Tensors = list[torch.Tensor]
 GATHER_ELEMENTS = 1 << 24  # elements per rank per all-gather round when assembling a model (64 MiB fp32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from ewa.config import TrainConfig
+from ewa.engine.config import TrainConfig
 
 
 def base_lr(cfg: TrainConfig, step: int) -> float:
