@@ -17,13 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from ewa.files import CheckpointError, list_checkpoints, snapshot_kinds
-from ewa.engine.data import DataError, read_meta
+from ewa.engine.data import DataError, data_meta
+from ewa.files import CheckpointError, is_run_dir, list_checkpoints, snapshot_dir, snapshot_kinds
 from ewa.tools.hf import InputError, export
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / "snapshots").is_dir() and (path / "config.json").exists()
 
 
 def resolve_source(source: Path, step: int | None, kind: str) -> Path:
@@ -32,7 +28,7 @@ def resolve_source(source: Path, step: int | None, kind: str) -> Path:
         if step is not None:
             raise InputError(f"--step={step}: only for a run directory, and {source} is not one")
         return source
-    snapshots = list_checkpoints(source / "snapshots" / kind) if (source / "snapshots" / kind).is_dir() else {}
+    snapshots = list_checkpoints(snapshot_dir(source, kind)) if snapshot_dir(source, kind).is_dir() else {}
     if not snapshots:
         raise InputError(f"{source}/snapshots/{kind}: no snapshots; pick --kind among {', '.join(snapshot_kinds(source))}")
     step = max(snapshots) if step is None else step
@@ -66,7 +62,7 @@ def tokenizer_name(source: Path, data_dir: str | None, tokenizer: str | None) ->
     if data_dir is None:
         raise InputError(f"{source}: no run config beside it or above it names its data; "
                          "pass --data_dir=<the data it was trained on> or --tokenizer=bytes|gpt2")
-    return read_meta(data_dir)["tokenizer"]
+    return data_meta(data_dir)["tokenizer"]
 
 
 def main(argv: list[str] | None = None) -> None:

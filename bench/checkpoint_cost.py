@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, MiB, median, parse, parser, report, target, timed  # noqa: E402
-from ewa.files import save_snapshot  # noqa: E402
 from ewa.engine.config import TrainConfig, read_config_file  # noqa: E402
+from ewa.files import save_snapshot  # noqa: E402
 from model import GPT, GPT2_SIZES, GPTConfig  # noqa: E402
 
 TINY = TrainConfig(**read_config_file(ROOT / "configs" / "tiny.py")).model_config(vocab_size=256)  # bytes tokenizer

@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import MiB, current_rss, median, parse, parser, peak_rss, report, target  # noqa: E402
 from ewa.files import list_checkpoints, save_snapshot, snapshot_name  # noqa: E402
-from ewa.tools.merge import Merger, Window, plan_windows, stream_averages, streaming_order  # noqa: E402
+from ewa.tools.merge import Merger, plan_windows, stream_averages, streaming_order  # noqa: E402
+from ewa.window import Window  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 Tensors = dict[str, torch.Tensor]

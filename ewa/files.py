@@ -351,6 +351,20 @@ def check_compatible(reference: Weights, other: Weights) -> None:
 # this project's files
 
 
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """A training run's directory: its config.json beside its snapshots or resume checkpoints."""
+    path = Path(path)
+    return (path / "config.json").is_file() and ((path / "snapshots").is_dir() or (path / "resume").is_dir())
+
+
+def resume_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "resume"
+
+
+def snapshot_dir(run_dir: str | os.PathLike, kind: str = "raw") -> Path:
+    return Path(run_dir) / "snapshots" / kind
+
+
 def step_of(path: str | os.PathLike) -> int | None:
     """Training step encoded in a checkpoint's name: the last number in it
     (``step_00001000.safetensors``, ``ckpt_1000.pt``, ``step1000/``)."""

@@ -19,9 +19,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from ewa.files import list_checkpoints, snapshot_name  # noqa: E402
 from ewa.engine.checkpointer import read_resume  # noqa: E402
 from ewa.engine.config import TrainConfig  # noqa: E402
+from ewa.files import list_checkpoints, snapshot_name  # noqa: E402
 from ewa.tools.prepare import prepare_texts  # noqa: E402
 
 SHAKESPEARE = runpy.run_path(str(ROOT / "data" / "shakespeare" / "prepare.py"))

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_config
+
+from ewa.engine.logger import read_metrics
+from ewa.engine.runtime import init_runtime
+from ewa.engine.trainer import run
+from ewa.files import load_weights
 from ewa.tools import lawa as lawa_cli
 from ewa.tools.analysis import (
     AnalysisError,
@@ -29,11 +33,7 @@ from ewa.tools.analysis import (
     trend,
 )
 from ewa.tools.analyze import main
-from ewa.files import load_weights
 from ewa.tools.merge import reference_average
-from ewa.engine.logger import read_metrics
-from ewa.engine.runtime import init_runtime
-from ewa.engine.trainer import run
 
 
 @pytest.fixture(scope="module")

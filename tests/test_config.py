@@ -2,7 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from ewa.engine.config import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides, read_config_file, save_config
+from ewa.engine.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    read_config_file,
+    save_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.py"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ewa.engine.data import BatchSampler, DataError, eval_offsets, eval_windows, fingerprint, open_tokens, read_meta
+from ewa.engine.data import BatchSampler, DataError, data_meta, eval_offsets, eval_windows, fingerprint, open_tokens
 from ewa.tools.prepare import prepare_texts, write_tokens
 from ewa.tools.tokenizer import get_tokenizer
 
@@ -56,7 +56,7 @@ def test_eval_windows_are_fixed_and_cover_the_split():
 
 def test_missing_or_small_data_is_a_clear_error(tmp_path, corpus):
     with pytest.raises(DataError, match="meta.json not found: prepare the data first"):
-        read_meta(tmp_path)
+        data_meta(tmp_path)
     prepare_texts(tmp_path, {"train": corpus["train"][:5000], "val": "tiny"}, "bytes", source="test")
     with pytest.raises(DataError, match=r"val.bin holds 4 tokens, fewer than the 65"):
         open_tokens(tmp_path, "val", 65)

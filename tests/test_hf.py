@@ -10,11 +10,11 @@ import torch
 from hf_models import direct_nll, reference_average, save_revision, tiny_neox
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from export_hf import main as export_main
 from ewa.files import Weights, save_snapshot
 from ewa.tools.hf import export, load_into, read_held_out, save_hf_average, score, zero_shot_table
 from ewa.tools.merge import tensorwise_mean
 from ewa.tools.tokenizer import GPT2Tokenizer
+from export_hf import main as export_main
 from model import GPT, GPTConfig
 
 TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\n\tIt is the east — and Juliet is the sun. 🙂"

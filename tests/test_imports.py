@@ -7,10 +7,10 @@ import importlib
 import pkgutil
 from importlib.metadata import version
 
+from conftest import ROOT
 from packaging.requirements import Requirement
 
 import ewa
-from conftest import ROOT
 
 SCRIPTS = ["analyze", "export_hf", "lawa", "model", "pythia_lawa", "report", "reproduce", "train_large", "train_medium",
            "train_small", "train_swa"]

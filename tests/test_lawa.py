@@ -5,16 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, random_checkpoints, tiny_config
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import ROOT, random_checkpoints, tiny_config
-from ewa.files import CheckpointError, load_weights, snapshot_name
-from ewa.tools.merge import Merger
-from ewa.tools.lawa import parse_args
-from ewa.tools.lawa import run as run_lawa
 from ewa.engine.logger import read_metrics
 from ewa.engine.trainer import run as train
+from ewa.files import CheckpointError, load_weights, snapshot_name
+from ewa.tools.lawa import parse_args
+from ewa.tools.lawa import run as run_lawa
+from ewa.tools.merge import Merger
 from model import GPT
 
 

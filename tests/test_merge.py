@@ -9,24 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, random_checkpoints
 from hf_models import tiny_neox
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import ROOT, random_checkpoints
 from ewa.files import Weights, load_weights
 from ewa.tools.merge import (
     Merger,
-    PlanError,
-    Window,
     WindowPlan,
-    merge_weights,
     plan_strategies,
     plan_windows,
     reference_average,
     stream_averages,
     streaming_order,
 )
+from ewa.window import PlanError, Window, merge_weights
 from model import GPT, GPTConfig
 
 SLIDING, TENSORWISE = 10**12, 0  # memory budgets that allow, or rule out, the float64 model sum

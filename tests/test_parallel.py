@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, resume_state, signalled_at, tiny_config, write_config_file
-from ewa.files import CheckpointError, Weights, list_checkpoints, load_weights, save_snapshot
+
 from ewa.engine.checkpointer import SafeReader, SnapshotWriter
 from ewa.engine.config import config_from_dict
 from ewa.engine.logger import read_metrics
 from ewa.engine.parallel import FlatLayout
 from ewa.engine.runtime import peak_flops_of
 from ewa.engine.trainer import run
+from ewa.files import CheckpointError, Weights, list_checkpoints, load_weights, save_snapshot
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 

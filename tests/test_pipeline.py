@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 from conftest import tiny_config, write_config_file
+
 from ewa.engine.logger import read_metrics
 from ewa.tools.pipeline import parse_args, run_pipeline
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import STEPS
 from hf_models import direct_nll, reference_average, save_revision, tiny_neox, write_tasks
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import STEPS
 from ewa.files import CheckpointError
 from ewa.tools.hf import read_held_out
 from ewa.tools.merge import WindowPlan

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import ewa.files
-import ewa.engine.checkpointer
 from conftest import ROOT, resume_state, tiny_config, write_config_file
-from ewa.files import CheckpointError, Weights, list_checkpoints
+
+import ewa.engine.checkpointer
+import ewa.files
 from ewa.engine.checkpointer import read_resume
 from ewa.engine.logger import read_metrics
 from ewa.engine.runtime import init_runtime
 from ewa.engine.trainer import NonFiniteLoss, Trainer, run
+from ewa.files import CheckpointError, Weights, list_checkpoints
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 

@@ -5,7 +5,6 @@ import matplotlib.image
 import pytest
 
 from ewa.engine.config import TrainConfig
-from ewa.tools.merge import merge_weights
 from ewa.tools.report import (
     ema_age,
     first_step_reaching,
@@ -17,6 +16,7 @@ from ewa.tools.report import (
     steps_saved,
     write_report,
 )
+from ewa.window import merge_weights
 
 ORIGINAL = {0: 5.0, 20: 2.6, 40: 2.4, 60: 2.2, 80: 2.1, 100: 2.0}
 EMA = {0: 5.0, 20: 2.55, 40: 2.36, 60: 2.18, 80: 2.08, 100: 1.99}

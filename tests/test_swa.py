@@ -4,15 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, resume_state, signalled_at, tiny_config, write_config_file
 from torch.optim.swa_utils import SWALR
 
-from conftest import ROOT, resume_state, signalled_at, tiny_config, write_config_file
-from ewa.files import list_checkpoints, load_weights
 from ewa.engine.config import ConfigError, TrainConfig
 from ewa.engine.logger import read_metrics
 from ewa.engine.runtime import init_runtime
 from ewa.engine.schedule import base_lr
 from ewa.engine.trainer import Preempted, Trainer, branch_average, run
+from ewa.files import list_checkpoints, load_weights
 
 
 def swa_config(out_dir: Path, data_dir: Path, **kw):
@@ -106,7 +106,7 @@ def test_train_swa_script_writes_next_to_the_original(tmp_path, data_dir):
 
 @pytest.mark.parametrize("weights", ["ema", "ema_0.5", "lawa"])
 def test_a_branch_starts_from_the_average_it_asked_for(tmp_path, data_dir, weights):
-    from ewa.tools.merge import merge_weights
+    from ewa.window import merge_weights
 
     original = tiny_config(tmp_path / "orig", data_dir, resume_interval=10, lawa_k=3, lawa_nu=10, ema_decays="0.5")
     run(original)
@@ -136,8 +136,8 @@ def test_a_branch_starts_from_the_average_it_asked_for(tmp_path, data_dir, weigh
 
 def test_a_branch_keeps_the_originals_lr_schedule():
     """A branch cools down only where the original did (or where a cooldown branch asks to)."""
-    from ewa.tools.pipeline import branch_config, cooldown_config
     from ewa.engine.schedule import lr_at
+    from ewa.tools.pipeline import branch_config, cooldown_config
 
     original = TrainConfig(max_steps=100, warmup_steps=5, cooldown_steps=10, eval_interval=10)
     run_dir = Path("out/orig")

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, resume_state, signalled_at, tiny_config
-from ewa.files import CheckpointError, list_checkpoints, load_weights
+
 from ewa.engine.config import ConfigError
 from ewa.engine.logger import read_metrics
 from ewa.engine.runtime import init_runtime
 from ewa.engine.trainer import Preempted, run
+from ewa.files import CheckpointError, list_checkpoints, load_weights
 
 
 def evals(run_dir: Path) -> dict[int, dict]:

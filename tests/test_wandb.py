@@ -11,14 +11,14 @@ import time
 import types
 
 import pytest
-
 from conftest import ROOT, tiny_config, write_config_file
-from ewa.tools.analyze import main as analyze
-from ewa.files import list_checkpoints
-from ewa.tools.lawa import parse_args
-from ewa.tools.lawa import run as run_lawa
+
 from ewa.engine.logger import WANDB_ID_FILE
 from ewa.engine.trainer import run as train
+from ewa.files import list_checkpoints
+from ewa.tools.analyze import main as analyze
+from ewa.tools.lawa import parse_args
+from ewa.tools.lawa import run as run_lawa
 
 
 class FakeRun:

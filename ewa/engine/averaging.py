@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ewa.tools.merge import merge_weights
 from ewa.engine.parallel import Shares
+from ewa.window import coefficients, window_mean
 
 if TYPE_CHECKING:
     from ewa.engine.config import TrainConfig
@@ -133,8 +133,8 @@ class SWA(Averager):
 class OnlineLAWA(Averager):
     """LAWA during training: keeps the share at the k latest multiples of nu in k slots,
     and at a step t that is one of them averages t, t - nu, ..., t - (k-1)*nu in float64
-    (uniformly, or with the coefficients of ``ewa.tools.merge.merge_weights``): the same window,
-    and the same figure, as offline ``lawa.py`` over the run's snapshots."""
+    (uniformly, or with the coefficients of ``ewa.window.merge_weights``) through the window
+    kernel: the same window, and the same figure, as offline ``lawa.py`` over the run's snapshots."""
 
     name = "lawa"
 
@@ -152,7 +152,7 @@ class OnlineLAWA(Averager):
         until the next ``update``. ``weights``: the merge's weights (``merge_weights``)."""
         super().__init__(shares, device, pin)
         self.k, self.nu = k, nu
-        self.coefficients = None if weights == "uniform" else merge_weights(weights, k)
+        self.coefficients = coefficients(weights, k)
         self.slots = [self._buffer() for _ in range(k)]
         self.slot_steps = [-1] * k  # the step each slot holds (-1: empty)
         self.mean = out if out is not None else self.shares.alloc(device, pin)
@@ -175,19 +175,9 @@ class OnlineLAWA(Averager):
         if self.window_steps() != expected:
             return None
         members = [self.slots[self.slot_steps.index(s)][0] for s in expected]  # oldest first
-        c = self.coefficients
         for a in range(0, self.shares.numel, SUM_BLOCK):
             block = slice(a, a + SUM_BLOCK)
-            if c is None:
-                acc = members[0][block].double()
-                for m in members[1:]:
-                    acc += m[block]
-                torch.div(acc, self.k, out=self.mean[block])
-            else:  # the same order of operations as merge.tensorwise_mean: newest first
-                acc = members[-1][block].double().mul_(c[-1])
-                for m, ci in zip(members[:-1], c[:-1], strict=True):
-                    acc.add_(m[block], alpha=ci)
-                self.mean[block].copy_(acc)
+            window_mean(self.k, lambda i: members[i][block], self.coefficients, out=self.mean[block])  # noqa: B023
         return self.mean
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
 from ewa.engine.averaging import copy_share
+from ewa.engine.parallel import Layout
 from ewa.files import (
     CheckpointError,
     atomic_write_text,
@@ -52,7 +53,6 @@ from ewa.files import (
     save_snapshot_shard,
     snapshot_name,
 )
-from ewa.engine.parallel import Layout
 
 # a lone process saves and loads without a process group, as intended
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")

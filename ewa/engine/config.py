@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ewa.tools.merge import merge_weights
+from ewa.window import merge_weights
 from model import GPTConfig
 
 

@@ -25,7 +25,7 @@ class DataError(ValueError):
     """Missing or unusable token data; the message names the file and the fix."""
 
 
-def read_meta(data_dir: str | os.PathLike) -> dict:
+def data_meta(data_dir: str | os.PathLike) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise DataError(
@@ -41,7 +41,7 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
 
 def open_tokens(data_dir: str | os.PathLike, split: str, min_tokens: int) -> np.memmap:
     """The memmapped tokens of ``split``; errors if the file holds fewer than ``min_tokens``."""
-    meta = read_meta(data_dir)
+    meta = data_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
     if not path.exists():
         raise DataError(f"{path} not found: re-run the prepare script of {data_dir}")

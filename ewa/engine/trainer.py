@@ -32,17 +32,25 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from ewa.engine.averaging import Averaging, build_averagers
-from ewa.files import CheckpointError, list_checkpoints, load_weights, snapshot_kinds
 from ewa.engine.checkpointer import ResumeCheckpointer, SafeReader, SnapshotWriter, load_into, read_meta
 from ewa.engine.config import ConfigError, TrainConfig, load_config, save_config
-from ewa.engine.data import BatchSampler, DataError, eval_windows, fingerprint, open_tokens
-from ewa.engine.data import read_meta as read_data_meta
+from ewa.engine.data import BatchSampler, DataError, data_meta, eval_windows, fingerprint, open_tokens
 from ewa.engine.evaluate import Evaluator
 from ewa.engine.logger import MetricsLogger, NullRun, open_wandb
-from ewa.tools.merge import Merger, Window, window_members
 from ewa.engine.parallel import accumulating, layout_of, wrap
 from ewa.engine.runtime import Runtime, init_runtime, peak_flops, seed_everything, shutdown
 from ewa.engine.schedule import lr_at
+from ewa.files import (
+    CheckpointError,
+    is_run_dir,
+    list_checkpoints,
+    load_weights,
+    resume_dir,
+    snapshot_dir,
+    snapshot_kinds,
+)
+from ewa.tools.merge import Merger
+from ewa.window import Window, window_members
 from model import GPT, GPT2_SIZES
 
 
@@ -64,18 +72,6 @@ class LogWindow:
     eval_s: float = 0.0
     ckpt_s: float = 0.0
     losses: list[float] = field(default_factory=list)
-
-
-def is_run_dir(path: str) -> bool:
-    return (Path(path) / "resume").is_dir()
-
-
-def resume_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "resume"
-
-
-def snapshot_dir(run_dir: str | Path, kind: str = "raw") -> Path:
-    return Path(run_dir) / "snapshots" / kind
 
 
 def remove(path: Path) -> None:
@@ -113,7 +109,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, runtime: Runtime):
         self.cfg, self.rt = cfg, runtime
         self.run_dir = Path(cfg.out_dir)
-        self.meta = read_data_meta(cfg.data_dir)
+        self.meta = data_meta(cfg.data_dir)
         if cfg.vocab_size and cfg.vocab_size < self.meta["vocab_size"]:
             raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {self.meta['vocab_size']}")
         self.accum = cfg.grad_accum_steps(runtime.world_size)

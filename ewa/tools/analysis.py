@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from ewa.files import Weights, check_compatible, list_checkpoints, load_weights, snapshot_kinds
 from ewa.engine.evaluate import Evaluator
-from ewa.tools.merge import Merger, Model, Window, plan_windows, stream_averages, streaming_order, window_members
+from ewa.files import Weights, check_compatible, list_checkpoints, load_weights, snapshot_kinds
+from ewa.tools.merge import Merger, Model, plan_windows, stream_averages, streaming_order
+from ewa.window import Window, window_members
 from model import GPT
 
 Tensors = dict[str, torch.Tensor]

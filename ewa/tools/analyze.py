@@ -23,6 +23,12 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from ewa.engine.config import ConfigError, TrainConfig, config_from_dict
+from ewa.engine.data import DataError, data_meta
+from ewa.engine.evaluate import Evaluator
+from ewa.engine.logger import log_section, open_wandb, read_metrics
+from ewa.engine.runtime import Runtime, init_runtime
+from ewa.files import CheckpointError, atomic_write, atomic_write_text, list_checkpoints, resume_dir, snapshot_dir
 from ewa.tools import hf
 from ewa.tools.analysis import (
     Ablation,
@@ -35,34 +41,26 @@ from ewa.tools.analysis import (
     default_anchors,
     default_distances,
     find_spikes,
-    restart_step,
-    spikes_after,
     interpolation_curve,
     load_pair,
     loss_barrier,
     plan_ablation,
     plan_pairs,
+    restart_step,
     run_ablation,
     run_diversity,
     snapshot_spacing,
+    spikes_after,
     steps_at_fractions,
     zero_shot_models,
 )
-from ewa.tools.plots import plot_ablation, plot_diversity, plot_lmc, plot_recovery, plot_spikes
-from ewa.files import CheckpointError, atomic_write, atomic_write_text, list_checkpoints
-from ewa.engine.config import ConfigError, TrainConfig, config_from_dict
-from ewa.engine.data import DataError, read_meta
-from ewa.engine.evaluate import Evaluator
 from ewa.tools.hf import InputError
 from ewa.tools.lawa import Source, add_eval_options, add_window_options, build_evaluator, integer, open_from_args
-from ewa.engine.logger import log_section, open_wandb, read_metrics
-from ewa.tools.merge import Merger, PlanError, TensorStream, Window, WindowPlan, score_models
+from ewa.tools.merge import Merger, TensorStream, WindowPlan, score_models
 from ewa.tools.pipeline import Stages, branch_config, train_stage
-from ewa.engine.runtime import Runtime, init_runtime
-from ewa.engine.trainer import resume_dir, snapshot_dir
+from ewa.tools.plots import plot_ablation, plot_diversity, plot_lmc, plot_recovery, plot_spikes
+from ewa.window import PlanError, Window
 from model import GPT
-
-
 
 # ---------------------------------------------------------------------------------------------
 # shared plumbing
@@ -488,7 +486,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
     runtime = init_runtime(source.config.device, source.config.dtype)
     merger = Merger(source.paths, runtime.device, weights=plan.weights)
     merger.check(s for w in windows for s in w.members)
-    tokenizer = hf.tokenizer_for(read_meta(source.config.data_dir)["tokenizer"])
+    tokenizer = hf.tokenizer_for(data_meta(source.config.data_dir)["tokenizer"])
     model = hf.gpt2_model(source.model_config, tokenizer, runtime.device)
     lawa = "LAWA" if plan.weights == "uniform" else f"LAWA {plan.weights}"
     print(f"zero-shot {args.tasks} at steps {[w.step for w in windows]}: raw, {lawa} (k={plan.k}, nu={plan.nu})"

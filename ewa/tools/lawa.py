@@ -20,22 +20,25 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ewa.engine.config import ConfigError, TrainConfig, config_from_dict, read_config_file
+from ewa.engine.data import DataError, data_meta, eval_windows, fingerprint, open_tokens
+from ewa.engine.evaluate import Evaluator
+from ewa.engine.logger import MetricsLogger, log_section, open_wandb, read_metrics
+from ewa.engine.runtime import Runtime, init_runtime, shutdown
 from ewa.files import (
     CheckpointError,
     Weights,
+    is_run_dir,
     list_checkpoints,
     model_config_of,
     save_safetensors,
+    snapshot_dir,
     snapshot_kinds,
     snapshot_name,
 )
-from ewa.engine.config import ConfigError, TrainConfig, config_from_dict, read_config_file
-from ewa.engine.data import DataError, eval_windows, fingerprint, open_tokens, read_meta
-from ewa.engine.evaluate import Evaluator
-from ewa.engine.logger import MetricsLogger, log_section, open_wandb, read_metrics
-from ewa.tools.merge import Evaluation, Merger, PlanError, TensorStream, Window, WindowPlan, score_models, streaming_order
+from ewa.tools.merge import Evaluation, Merger, TensorStream, WindowPlan, score_models, streaming_order
 from ewa.tools.report import load_run
-from ewa.engine.runtime import Runtime, init_runtime, shutdown
+from ewa.window import PlanError, Window
 from model import GPT, GPTConfig
 
 KINDS = {"newest": "raw", "average": "lawa"}
@@ -68,8 +71,8 @@ def open_source(path: str | Path, kind: str = "raw", config: str | None = None, 
     """A run directory (its ``snapshots/<kind>``) or any folder of checkpoints; ``overrides``
     (data_dir, eval_tokens, ...) replace the evaluation config's values."""
     path = Path(path)
-    run_dir = path if (path / "snapshots").is_dir() and (path / "config.json").exists() else None
-    folder = run_dir / "snapshots" / kind if run_dir else path
+    run_dir = path if is_run_dir(path) else None
+    folder = snapshot_dir(run_dir, kind) if run_dir else path
     if run_dir and not folder.is_dir():
         raise CheckpointError(f"{folder}: no such snapshots; pick --kind among {', '.join(snapshot_kinds(run_dir))}")
     paths = list_checkpoints(folder)
@@ -82,7 +85,7 @@ def open_source(path: str | Path, kind: str = "raw", config: str | None = None, 
             raise CheckpointError(
                 f"{paths[min(paths)]}: records no model shape; pass --config=<the run's config.json or config file>"
             )
-        shape = dataclasses.asdict(cfg.model_config(read_meta(cfg.data_dir)["vocab_size"]))
+        shape = dataclasses.asdict(cfg.model_config(data_meta(cfg.data_dir)["vocab_size"]))
     block_size = cfg.block_size if (run_dir or config) else shape["block_size"]
     return Source(folder, paths, cfg, GPTConfig.from_dict({**shape, "dropout": 0.0}), block_size, run_dir)
 

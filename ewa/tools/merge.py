@@ -3,31 +3,23 @@ computed, how each merged model reaches an evaluation, and where it is written. 
 analyze.py and pythia_lawa.py all go through it, whatever the checkpoints are (this project's
 snapshots, nanoGPT ``ckpt.pt``, GPT-2 or GPT-NeoX Hugging Face directories).
 
-The window (our definition of the paper's Algorithm 1): at every step
-``t = start, start + interval, ...`` the LAWA model is the uniform average of the k checkpoints
-at steps ``t, t - nu, ..., t - (k-1)*nu``. A window with a checkpoint missing (or before step 0)
-is reported and skipped, never averaged over fewer models.
+The window and the weighted merges are ``ewa.window``'s: at every step
+``t = start, start + interval, ...`` a window averages the checkpoints at ``t, t - nu, ...,
+t - (k-1)*nu``. A window with a checkpoint missing (or before step 0) is reported and skipped,
+never averaged over fewer models.
 
-Two ways to compute an average, chosen per window by cost (``plan_strategies``):
+Two ways to compute an average, chosen per window by cost (``plan_strategies``), both through
+the float64 kernel of ``ewa.window`` (so they give the same figure, and online LAWA's):
 
 - **sliding**: one float64 sum over a whole model moves from window to window; checkpoints
   entering the window are added and those leaving it subtracted, tensor by tensor. Windows are
   visited lane by lane (same ``t mod nu``) in increasing t, so overlapping windows read each
-  checkpoint about twice in all instead of k times.
-- **tensorwise**: the k members' tensors are summed one tensor at a time. It reads k checkpoints
+  checkpoint about twice in all instead of k times. Uniform windows only.
+- **tensorwise**: the k members' tensors are merged one tensor at a time. It reads k checkpoints
   per window but holds one float64 tensor, not a float64 model.
 
 Sliding is used when the sum fits in memory and sliding saves reads; otherwise tensorwise.
-Either way the average is the float64 sum over k, cast to the checkpoint's dtype; tensors that
-are not floating point (masks, counters) are the newest member's.
-
-**Weighted windows** (``merge_weights``): the merge is sum_i c_i * theta_i over the members,
-oldest first (i = 1..n), with weights from a decay profile p (p(0) = 1), as in WSM:
-``w_i = p((i - 1) / n)``, ``w_{n+1} = 0``, ``c_i = w_i - w_{i+1}`` (the merge equals, to first
-order, training on with the learning rate multiplied by w over the window). Profiles:
-``uniform`` (p(x) = 1 - x: every c_i = 1/n, today's LAWA), ``1-sqrt`` (1 - sqrt(x)), ``cosine``
-((1 + cos(pi x)) / 2), and ``ema:<a>``, an EMA over the checkpoints: c_i proportional to
-a (1 - a)^(n - i), normalised. A weighted window is not slid: it is summed tensor by tensor.
+Tensors that are not floating point (masks, counters) are the newest member's.
 """
 
 from __future__ import annotations
@@ -42,6 +34,7 @@ from typing import Any
 import torch
 
 from ewa.files import CheckpointError, Weights, check_compatible
+from ewa.window import PlanError, Window, coefficients, finish, fold, merge_weights, window_mean, window_members
 
 Tensors = dict[str, torch.Tensor]
 TensorStream = Iterable[tuple[str, torch.Tensor]]  # (name, tensor) pairs, read as they are needed
@@ -52,57 +45,6 @@ Evaluation = Callable[[], list[dict[str, Any]]]
 # A merged model: its window, its role ("newest": the window's own checkpoint at t, "average":
 # the window's average, or a name of one's own such as "ema") and its tensors.
 Model = tuple["Window", str, TensorStream]
-
-
-class PlanError(ValueError):
-    """Window settings that cannot work; the message names the flags."""
-
-
-PROFILES: dict[str, Callable[[float], float]] = {
-    "uniform": lambda x: 1.0 - x,
-    "1-sqrt": lambda x: 1.0 - math.sqrt(x),
-    "cosine": lambda x: (1.0 + math.cos(math.pi * x)) / 2.0,
-}
-
-
-def merge_weights(weights: str, n: int) -> list[float]:
-    """The coefficients c_1..c_n (oldest member first, summing to 1) of a window of ``n``
-    members merged with ``weights``: a profile name or ``ema:<a>`` (see the module docstring)."""
-    if weights.startswith("ema:"):
-        try:
-            a = float(weights[4:])
-        except ValueError:
-            a = -1.0
-        if not 0 < a <= 1:
-            raise PlanError(f"--weights={weights}: ema:<a> needs 0 < a <= 1, e.g. ema:0.3")
-        raw = [a * (1 - a) ** (n - i) for i in range(1, n + 1)]
-        return [c / sum(raw) for c in raw]
-    if weights not in PROFILES:
-        raise PlanError(f"--weights={weights}: use one of {', '.join(PROFILES)} or ema:<a>")
-    if weights == "uniform":  # exactly 1/n: the differences of 1 - x round for most n
-        return [1.0 / n] * n
-    p = PROFILES[weights]
-    w = [p((i - 1) / n) for i in range(1, n + 1)] + [0.0]
-    return [w[i] - w[i + 1] for i in range(n)]
-
-
-# ---------------------------------------------------------------------------------------------
-# the window plan
-
-
-@dataclass(frozen=True)
-class Window:
-    step: int  # t: the newest checkpoint of the window, where LAWA is compared with the raw model
-    members: tuple[int, ...]  # oldest first
-    missing: tuple[int, ...] = ()
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing
-
-
-def window_members(step: int, k: int, nu: int) -> tuple[int, ...]:
-    return tuple(step - j * nu for j in reversed(range(k)))
 
 
 def plan_windows(
@@ -231,12 +173,8 @@ class SlidingSum:
             if not t.is_floating_point():
                 if newest:
                     self.exact[name] = t
-            elif name not in self.sum:
-                self.sum[name] = t.double() if sign > 0 else t.double().neg_()
-            elif sign > 0:
-                self.sum[name].add_(t)  # promoted to float64 element by element, no float64 copy
             else:
-                self.sum[name].sub_(t)
+                self.sum[name] = fold(self.sum.get(name), t, sign)
         (self.members.add if sign > 0 else self.members.discard)(step)
 
     def move_to(self, members: tuple[int, ...], newest: Tensors | None = None) -> None:
@@ -256,36 +194,30 @@ class SlidingSum:
 
     def mean(self) -> Tensors:
         """The average of the members, in buffers that the next ``mean`` overwrites."""
-        n = len(self.members)
         for k, v in self.sum.items():
             if k not in self._mean:
                 self._mean[k] = torch.empty_like(v, dtype=self.dtypes[k])
-            torch.div(v, n, out=self._mean[k])
+            finish(v, len(self.members), out=self._mean[k])
         return {k: self._mean[k] if k in self._mean else self.exact[k] for k in self.names}
 
 
 def tensorwise_mean(
-    members: list[Weights], device: torch.device | str = "cpu", coefficients: list[float] | None = None
+    members: list[Weights], device: torch.device | str = "cpu", c: list[float] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, average) for each tensor of the newest member: the float64 sum of the members'
-    tensors over their number (or, with ``coefficients``, oldest first, the float64 sum of
-    c_i times each), cast to the newest member's dtype; one tensor at a time."""
+    """(name, merge) for each tensor of the newest member, one tensor at a time: the window's
+    mean (or, with coefficients ``c``, oldest first, its weighted sum; ``window_mean``), in the
+    newest member's dtype."""
     newest = members[-1]
     for name in newest.keys():
         last = newest.get(name)
         if not last.is_floating_point():
             yield name, last
             continue
-        if coefficients is None:
-            total = last.to(device, torch.float64, copy=True)
-            for member in members[:-1]:
-                total += member.get(name).to(device)  # promoted to float64 element by element
-            yield name, total.div_(len(members)).to(last.dtype)
-            continue
-        total = last.to(device, torch.float64, copy=True).mul_(coefficients[-1])
-        for member, c in zip(members[:-1], coefficients[:-1], strict=True):
-            total.add_(member.get(name).to(device), alpha=c)  # in float64, element by element
-        yield name, total.to(last.dtype)
+
+        def member(i: int) -> torch.Tensor:
+            return (last if i == len(members) - 1 else members[i].get(name)).to(device)
+
+        yield name, window_mean(len(members), member, c)
 
 
 def reference_average(files: list[Path]) -> Tensors:
@@ -410,8 +342,7 @@ class Merger:
                 if newest:
                     yield window, "newest", self.open(window.step).items()
                 members = [self.open(s) for s in window.members]
-                weights = None if self.weights == "uniform" else merge_weights(self.weights, len(members))
-                average = tensorwise_mean(members, self.device, weights)
+                average = tensorwise_mean(members, self.device, coefficients(self.weights, len(members)))
             if save is not None:
                 average = Weights(save(window, average), hf_names=self.hf_names).items()
             yield window, "average", average

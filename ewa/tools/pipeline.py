@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from ewa.engine import trainer as train
-from ewa.tools import lawa as lawa_cli
-from ewa.tools import report
-from ewa.files import CheckpointError, atomic_write_text, list_checkpoints
 from ewa.engine.config import ConfigError, TrainConfig, load_config
 from ewa.engine.data import DataError
+from ewa.files import CheckpointError, atomic_write_text, list_checkpoints
+from ewa.tools import lawa as lawa_cli
+from ewa.tools import report
 from ewa.tools.merge import WindowPlan
 
 ROOT = Path(__file__).resolve().parents[2]

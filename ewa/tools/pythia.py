@@ -34,13 +34,14 @@ from huggingface_hub.errors import (
 )
 from tqdm import tqdm
 
-from ewa.tools import hf
-from ewa.files import CheckpointError, atomic_write_text, list_checkpoints
 from ewa.engine.config import ConfigError
-from ewa.tools.hf import InputError
 from ewa.engine.logger import MetricsLogger, read_metrics
-from ewa.tools.merge import Evaluation, Merger, PlanError, TensorStream, Window, WindowPlan, score_models
 from ewa.engine.runtime import resolve_device
+from ewa.files import CheckpointError, atomic_write_text, list_checkpoints
+from ewa.tools import hf
+from ewa.tools.hf import InputError
+from ewa.tools.merge import Evaluation, Merger, TensorStream, WindowPlan, score_models
+from ewa.window import PlanError, Window
 
 PYTHIA_LAST_STEP = 143000  # the last revision of every Pythia model
 GPU_HOURS_FILE = Path(__file__).resolve().parents[2] / "configs" / "pythia_gpu_hours.json"

@@ -31,10 +31,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ewa.files import atomic_write, atomic_write_text
 from ewa.engine.config import config_from_dict
 from ewa.engine.logger import read_metrics
-from ewa.tools.merge import merge_weights
+from ewa.files import atomic_write, atomic_write_text
+from ewa.window import merge_weights
 
 Curve = dict[int, float]  # step -> val loss
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
