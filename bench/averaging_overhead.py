@@ -10,8 +10,8 @@ An averager acts every ``every`` steps (EMA 1, SWA ``swa_every``, LAWA ``lawa_nu
 copies the weights into one of its k slots); its cost per step is the median time of the
 updates that acted divided by ``every``. SWA is started at step 0 so that it averages during
 the loop. The last row, ``all, background``, is what ``averaging_device=cpu`` costs the
-training thread: the three averagers in pinned host memory, updated by a background thread
-from a copy made on a side stream (its time is the thread's blocked time, per step).
+training thread: the three averagers in pinned host memory, updated on a background lane from
+a copy made off the training thread (its time is the thread's blocked time, per step).
 
     python bench/averaging_overhead.py                                # CPU, configs/tiny.py
     python bench/averaging_overhead.py --device=cuda --config=configs/small.py --data_dir=data/shakespeare
@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,23 +58,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     args, overrides = parse(p, argv, overrides=True)
     with bench_trainer(args, overrides, ema=False, swa=False, lawa_online=False) as trainer:
-        cfg, device, share, shares = trainer.cfg, trainer.rt.device, trainer.share, trainer.layout.shares
+        cfg, device, share, shares = trainer.cfg, trainer.rt.device, trainer.averaging.share, trainer.layout.shares
         if args.steps < max(cfg.swa_every, cfg.lawa_nu):
             p.error(f"--steps={args.steps} must be at least swa_every={cfg.swa_every} and lawa_nu={cfg.lawa_nu}")
 
-        def make(where: torch.device, pin: bool, out: torch.Tensor | None = None) -> dict[str, Averager]:
-            return {
-                "ema": EMA(shares, share, cfg.ema_decay, where, pin),
-                "lawa": OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, where, pin, out=out),
-                "swa": SWA(shares, 0, cfg.swa_every, where, pin),
-            }
-
-        averagers = make(device, False)
+        averagers: dict[str, Averager] = {
+            "ema": EMA(shares, share, cfg.ema_decay, device),
+            "lawa": OnlineLAWA(shares, cfg.lawa_k, cfg.lawa_nu, device),
+            "swa": SWA(shares, 0, cfg.swa_every, device),
+        }
         every = {"ema": 1, "lawa": cfg.lawa_nu, "swa": cfg.swa_every}
-        pin = device.type == "cuda"
-        staging = shares.alloc(device, pin=pin)
-        background = Averaging(make(torch.device("cpu"), pin, out=staging), share, staging)
-        trainer.averaging = background  # train_step makes the GPU wait for its copies before the optimizer step
+        # the same three in host memory (SWA from step 0), on the trainer's background, whose fence
+        # the optimizer step passes
+        host = cfg.replace(ema=True, swa=True, swa_start=1e-9, lawa_online=True, averaging_device="cpu")
+        background = Averaging(host, trainer.layout, trainer.params, trainer.background)
         step_times: list[float] = []
         update_times: dict[str, list[float]] = {name: [] for name in [*averagers, "all, background"]}
         for i in range(args.warmup + args.steps):
@@ -92,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             background.update(trainer.step)
             if timed_step:
                 update_times["all, background"].append(time.perf_counter() - start)
-        background.close()
+        trainer.background.wait()
         every["all, background"] = 1
         step = median(step_times)
         rows = [

@@ -1,8 +1,8 @@
 """Checkpoint blocking: how long a snapshot and a resume checkpoint hold the training thread,
-written synchronously (as this project did before: safetensors / ``torch.save`` on the training
-thread, with fsync) against in the background (``Trainer.save_snapshots`` and
-``Trainer.save_resume_checkpoint``: a copy into pinned host buffers, on a side stream from a
-GPU, then a background writer), on a model of the config's shapes (GPT-2 small by default).
+written synchronously (the baseline: safetensors / ``torch.save`` on the training thread, with
+fsync) against in the background (the trainer's ``Checkpointer``: a copy into pinned host
+buffers, on a side stream from a GPU, then a background writer), on a model of the config's
+shapes (GPT-2 small by default).
 
 The yardstick is one in-memory copy of the model: the rank's share copied into a
 preallocated (pinned) host buffer. Target: the background paths block the training thread for
@@ -24,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, bench_trainer, median, parse, report, sync, target, trainer_parser, trainer_summary  # noqa: E402
-from ewa.engine.averaging import copy_share  # noqa: E402
 from ewa.files import atomic_write, save_snapshot  # noqa: E402
 
 TARGET = 2.0  # background blocking, in in-memory copies of the model
@@ -44,14 +43,14 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.step += 1
         trainer.averaging.update(trainer.step)
-        run_dir = trainer.run_dir
-        share, shares = trainer.share, trainer.layout.shares
+        run_dir, averaging, checkpointer = trainer.run_dir, trainer.averaging, trainer.checkpointer
+        share, shares = averaging.share, trainer.layout.shares
         buffer = shares.split(shares.alloc(device, pin=device.type == "cuda"))
 
         def one_copy() -> float:
             sync(device)
             start = time.perf_counter()
-            copy_share(buffer, share, None)
+            torch._foreach_copy_(buffer, share)
             sync(device)
             return time.perf_counter() - start
 
@@ -83,12 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
 
         def sync_snapshot() -> None:
-            weights = {"raw": share} | {
-                n: shares.split(a.averaged(trainer.step))
-                for n, a in trainer.averaging.averagers.items()
-                if n != "lawa" and a.averaged(trainer.step) is not None
-            }
-            for kind, pieces in weights.items():
+            for kind, pieces in ({"raw": share} | averaging.snapshots(trainer.step)).items():
                 tensors = {
                     name: t.view(shape) for (name, _, shape), t in zip(trainer.layout.where(), pieces, strict=True)
                 }
@@ -98,15 +92,19 @@ def main(argv: list[str] | None = None) -> dict:
             state = {
                 "model": dict(zip(trainer.names, trainer.params, strict=True)),
                 "optimizer": trainer.optimizer.state_dict(),
-                "averagers": {n: a.tensors() for n, a in trainer.averaging.averagers.items()},
+                "averagers": {n: a.state_dict() for n, a in averaging.averagers.items()},
             }
             atomic_write(run_dir / "sync" / f"resume_{trainer.step}.pt", lambda tmp: torch.save(state, tmp))
 
+        def snapshot() -> None:
+            checkpointer.save_snapshots(trainer.step, {"raw": share, **averaging.snapshots(trainer.step)}, averaging.lane)
+
         nothing = lambda: None  # noqa: E731
         measure("snapshot", "synchronous", sync_snapshot, nothing)
-        measure("snapshot", "background", trainer.save_snapshots, trainer.snapshots.background.wait)
+        measure("snapshot", "background", snapshot, lambda: trainer.background.wait("snapshots"))
         measure("resume", "synchronous", sync_resume, nothing)
-        measure("resume", "background", trainer.save_resume_checkpoint, trainer.resumes.background.wait)
+        measure("resume", "background", lambda: checkpointer.save_resume(trainer.step),
+                lambda: trainer.background.wait("resume"))
         trainer.close()
     targets = [
         target(

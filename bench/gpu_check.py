@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import ROOT  # noqa: E402
-from ewa.engine.checkpointer import read_resume  # noqa: E402
+
 from ewa.engine.logger import read_metrics  # noqa: E402
-from ewa.files import Weights, list_checkpoints  # noqa: E402
+from ewa.files import Weights, list_checkpoints, read_resume  # noqa: E402
 
 AVERAGING = [
     "--ema=True",

@@ -4,9 +4,9 @@ The figures come from the project's own allocation code run on the meta device (
 used) under a fake process group of ``--world_size`` ranks: the model built and, with
 ``--parallel=fsdp``, sharded by ``fully_shard`` as in training; gradients and AdamW's state
 created by a real optimizer step; the trainer's averagers (every EMA, SWA, online LAWA) built
-by ``build_averagers`` over this rank's share; the pinned buffers of snapshots and resume
-checkpoints allocated by the checkpoint ``Stager`` for what this rank writes (``written_by``:
-its share, or its part of a DDP run's replicated state). Not counted: activations, the block
+by ``build_averagers`` over this rank's share; the pinned host buffers of snapshots and resume
+checkpoints, as the checkpointer allocates them for what this rank writes (``written_by``: its
+share, or its part of a DDP run's replicated state). Not counted: activations, the block
 of gathered weights FSDP holds while it computes, and what evaluating an average holds while it
 runs (a backup of the rank's share and, under DDP, the 64 MiB-per-rank gather rounds).
 
@@ -31,7 +31,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ewa.engine.averaging import build_averagers  # noqa: E402
-from ewa.engine.checkpointer import Stager, local, written_by  # noqa: E402
+from ewa.engine.background import HostBuffers  # noqa: E402
+from ewa.engine.checkpointer import local, written_by  # noqa: E402
 from ewa.engine.config import load_config  # noqa: E402
 from ewa.engine.parallel import layout_of, wrap  # noqa: E402
 from ewa.engine.runtime import Runtime  # noqa: E402
@@ -45,13 +46,13 @@ def nbytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
 
 
-def staged_bytes(live: dict[str, torch.Tensor]) -> int:
-    """The pinned host buffers the checkpoint ``Stager`` allocates for ``live`` (on meta)."""
-    stager = Stager(torch.device("meta"))
+def staged_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """The host buffers the checkpointer allocates to stage ``tensors`` (on meta)."""
+    buffers = HostBuffers(pin=False)
     with torch.device("meta"):
-        stager.stage(live, {}, None)
-    stager.close()
-    return nbytes(stager.buffers.values())
+        for key, t in tensors.items():
+            buffers.like(key, t)
+    return nbytes(buffers.buffers.values())
 
 
 def plan(cfg, world: int, rank: int) -> dict:
@@ -83,7 +84,9 @@ def plan(cfg, world: int, rank: int) -> dict:
             "gradients (fp32)": (nbytes(p.grad for p in params), 0),
             "optimizer (AdamW)": (nbytes(state), 0),
         }
-        held = {name: nbytes(a.tensors().values()) for name, a in averagers.items()}
+        buffers_of = {name: {k: t for k, t in a.state_dict().items() if isinstance(t, torch.Tensor)}
+                      for name, a in averagers.items()}
+        held = {name: nbytes(b.values()) for name, b in buffers_of.items()}
         for name, n in held.items():
             label = name.upper() + (f" (k={cfg.lawa_k})" if name == "lawa" else "")
             rows[label] = (0, n) if host else (n, 0)
@@ -98,7 +101,7 @@ def plan(cfg, world: int, rank: int) -> dict:
         # the model and AdamW: DDP's replicated tensors split between the ranks, FSDP's shards
         entries = {f"model.{n}": p for n, p in zip(names, params)} | {f"optimizer.{i}": t for i, t in enumerate(state)}
         mine = written_by(entries, rank, world)
-        mine |= {f"averagers.{n}.{b}": t for n, a in averagers.items() for b, t in a.tensors().items()}
+        mine |= {f"averagers.{n}.{b}": t for n, bufs in buffers_of.items() for b, t in bufs.items()}
         buffers["resume staging (pinned)"] = (0, staged_bytes({k: local(t) for k, t in mine.items()}))
         averaging_state = sum(held.values())
         return {

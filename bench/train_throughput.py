@@ -33,7 +33,8 @@ from bench.common import (  # noqa: E402
     trainer_summary,
 )
 from ewa.engine.config import TrainConfig  # noqa: E402
-from ewa.engine.runtime import Runtime, seed_everything  # noqa: E402
+from ewa.engine.data import data_meta  # noqa: E402
+from ewa.engine.runtime import Runtime, peak_flops, seed_everything  # noqa: E402
 from ewa.engine.schedule import lr_at  # noqa: E402
 from model import GPT  # noqa: E402
 
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse(p, argv, overrides=True)
     with bench_trainer(args, overrides, ema=False, swa=False, lawa_online=False) as ours:
         cfg, rt = ours.cfg, ours.rt
-        ref = NanoGPTLoop(cfg, rt, ours.model, ours.meta["dtype"])
+        ref = NanoGPTLoop(cfg, rt, ours.model, data_meta(cfg.data_dir)["dtype"])
+        peak = peak_flops(rt.device)
         loops = {"nanogpt": ref.train_step, "ours": ours.train_step}
         for step in loops.values():
             for _ in range(args.warmup):
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = []
         for name, rate in rates.items():
             tok_s = cfg.tokens_per_step * median(rate)
-            mfu = ours.model.estimate_mfu(tok_s, ours.peak_flops) if ours.peak_flops else None
+            mfu = ours.model.estimate_mfu(tok_s, peak) if peak else None
             ratio, lo, hi = spread[name]
             rows.append(
                 {

@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, weights snapshots, resume checkpoints, and one safe reader
+"""Files on disk, the ground floor of the package (it imports nothing of the project): atomic
+writes, the run directory's layout, weights snapshots, resume checkpoints, and one safe reader
 for every weights format the project meets.
 
 Formats read (never by unpickling arbitrary objects):
@@ -9,7 +10,9 @@ Formats read (never by unpickling arbitrary objects):
   ``module.`` prefixes), read with ``torch.load(weights_only=True)``;
 - Hugging Face model directories (``model.safetensors``, sharded or not, or
   ``pytorch_model.bin``). GPT-2 directories are converted to ``model.GPT`` names; other
-  architectures (e.g. GPT-NeoX / Pythia) keep their own names.
+  architectures (e.g. GPT-NeoX / Pythia) keep their own names;
+- this project's resume checkpoints: a ``torch.distributed.checkpoint`` directory (tensors)
+  with ``state.json`` (everything else), whose ``.metadata`` is read without executing code.
 """
 
 from __future__ import annotations
@@ -22,11 +25,17 @@ import pickle
 import re
 import shutil
 import struct
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 
 SNAPSHOT_RE = re.compile(r"(\d+)")
 SHARD_RE = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors")
@@ -527,3 +536,110 @@ def save_safetensors(
     weight_map = {name: files[i] for i, names in enumerate(shards) for name in names}
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# resume checkpoints
+
+DCP_METADATA = ".metadata"  # the file torch.distributed.checkpoint writes last (its format's name for it)
+# a lone process saves and loads without a process group, as intended
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles the ``.metadata`` of a checkpoint: DCP's own record types, torch sizes,
+    dtypes and layouts, and paths; anything else (which could run code) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo")
+            or (module == "torch" and (name == "Size" or isinstance(
+                getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))
+            or (module == "collections" and name == "OrderedDict")
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refused {module}.{name}")
+        return super().find_class(module, name)
+
+
+class SafeReader(FileSystemReader):
+    """A ``FileSystemReader`` that reads ``.metadata`` without executing code."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = Path(self.path) / DCP_METADATA
+        with open(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+                raise CheckpointError(f"{path}: refused or unreadable checkpoint metadata ({e})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def reason(e: BaseException) -> str:
+    """What went wrong, in a line: the first rank's error of a ``CheckpointException``."""
+    if isinstance(e, CheckpointException):
+        e = next(iter(e.failures.values()))[0]
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def resume_values(path: str | os.PathLike) -> dict:
+    """Everything of a resume checkpoint but its tensors: ``state.json``, nested by component."""
+    file = Path(path) / "state.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a resume checkpoint of this project ({e})") from None
+
+
+def resume_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The global shape of every tensor a resume checkpoint holds, by name."""
+    entries = SafeReader(path).read_metadata().state_dict_metadata
+    return {k: tuple(m.size) for k, m in entries.items() if isinstance(m, TensorStorageMetadata)}
+
+
+def load_resume_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], no_dist: bool = False) -> None:
+    """Fill ``tensors`` (tensors and DTensors, in place) from the checkpoint at ``path``,
+    resharding as needed."""
+    try:
+        dcp.load(tensors, storage_reader=SafeReader(path), no_dist=no_dist)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{path}: cannot be loaded ({reason(e)})") from None
+
+
+def read_resume(path: str | os.PathLike) -> dict:
+    """A resume checkpoint, whole, in this process, for inspection and tests: ``step``, ``model``
+    (name -> tensor), ``optimizer`` (its tensors by name), ``averagers`` (name -> its counters and
+    ``tensors``: buffer -> parameter name -> tensor) and ``values`` (``state.json``)."""
+    values = resume_values(path)
+    entries = SafeReader(path).read_metadata().state_dict_metadata
+    flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
+            if isinstance(m, TensorStorageMetadata)}
+    load_resume_tensors(path, flat, no_dist=True)
+    names = values["model"]["names"]
+    model = {name: flat[f"model.{name}"] for name in names}
+    averagers = {}
+    for name, counters in values.get("averagers", {}).items():
+        prefix = f"averagers.{name}."
+        buffers: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in flat.items():
+            if key.startswith(prefix):
+                buffer, _, param = key[len(prefix):].partition(".")
+                if param:  # FSDP: one entry per parameter
+                    buffers.setdefault(buffer, {})[param] = t
+                else:  # DDP: the parameters flattened one after another
+                    parts = t.split([model[n].numel() for n in names])
+                    buffers[buffer] = {n: p.view(model[n].shape) for n, p in zip(names, parts, strict=True)}
+        averagers[name] = {**counters, "tensors": buffers}
+    optimizer = {k.removeprefix("optimizer."): t for k, t in flat.items() if k.startswith("optimizer.")}
+    return {"step": values["trainer"]["step"], "model": model, "optimizer": optimizer, "averagers": averagers,
+            "values": values}

@@ -19,9 +19,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from ewa.engine.checkpointer import read_resume  # noqa: E402
 from ewa.engine.config import TrainConfig  # noqa: E402
-from ewa.files import list_checkpoints, snapshot_name  # noqa: E402
+from ewa.files import list_checkpoints, read_resume, snapshot_name  # noqa: E402
 from ewa.tools.prepare import prepare_texts  # noqa: E402
 
 SHAKESPEARE = runpy.run_path(str(ROOT / "data" / "shakespeare" / "prepare.py"))
@@ -86,7 +85,7 @@ def signalled_at(step: int) -> type:
         def train_step(self):
             loss = super().train_step()
             if self.step == step:
-                self.stop_signal = signal.SIGTERM
+                self.signal.received = signal.SIGTERM
             return loss
 
     return Signalled

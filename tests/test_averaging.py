@@ -2,6 +2,8 @@ import pytest
 import torch
 
 from ewa.engine.averaging import EMA, SWA, Averaging, OnlineLAWA
+from ewa.engine.background import Background
+from ewa.engine.config import TrainConfig
 from ewa.engine.parallel import FlatLayout
 
 SHAPES = [torch.Size([4, 3]), torch.Size([5])]
@@ -66,7 +68,7 @@ def test_online_lawa_window_and_average():
         run(lawa, traj[: step + 1], first=step)
         if step in (10, 15):
             assert lawa.averaged(step) is None  # too little history / not a multiple of nu
-    assert lawa.window_steps() == [20, 30, 40]
+    assert sorted(lawa.slot_steps) == [20, 30, 40]
     assert lawa.averaged(35) is None
     for i, got in enumerate(unflat(lawa.averaged(40))):
         want = torch.stack([traj[s][i] for s in (20, 30, 40)]).double().mean(0).float()
@@ -86,9 +88,11 @@ def test_tensors_and_counters_continue_the_same_average(kind):
     uninterrupted = run(make(whole(), traj[0]), traj)
     first = run(make(whole(), traj[0]), traj[:16])
     resumed = make(whole(), trajectory(0, seed=9)[0])
-    for name, t in resumed.tensors().items():
-        t.copy_(first.tensors()[name])  # what a resume checkpoint restores in place
-    resumed.load_counters(first.counters())
+    saved = first.state_dict()
+    for name, t in resumed.state_dict().items():
+        if isinstance(t, torch.Tensor):
+            t.copy_(saved[name])  # what a resume checkpoint restores in place
+    resumed.load_state_dict(saved)
     run(resumed, traj, first=16)
     assert torch.equal(uninterrupted.averaged(final), resumed.averaged(final))
 
@@ -104,21 +108,22 @@ def test_shares_of_three_ranks_make_up_the_whole_average(kind):
 
 
 def test_background_updates_equal_direct_ones():
-    """averaging_device=cpu: the updates run on a background thread from a staging copy."""
+    """averaging_device=cpu: the updates run on a background lane from a staging copy."""
     traj = trajectory(20)
     results = []
-    for host in (False, True):
+    for device in ("gpu", "cpu"):
+        cfg = TrainConfig(ema_decay=0.8, swa=True, max_steps=20, swa_start=0.25, swa_every=3, lawa_online=True,
+                          lawa_k=3, lawa_nu=4, eval_interval=4, averaging_device=device)
         live = [t.clone() for t in traj[0]]
-        layout = whole()
-        make = {name: m(layout, traj[0]) for name, m in MAKERS.items()}
-        averaging = Averaging(make, layout.pieces(live), layout.shares.alloc(CPU) if host else None)
+        background = Background(CPU)
+        averaging = Averaging(cfg, whole(), live, background)
         for step in range(len(traj)):
-            torch._foreach_copy_(live, traj[step])  # the optimizer's in-place step
+            background.fence()  # the optimizer's fence, then its in-place step
+            torch._foreach_copy_(live, traj[step])
             averaging.update(step)
-            averaging.before_params_change()
-        results.append({n: averaging.averaged(n, 20).clone() for n in make})
-        averaging.close()
-    assert results[0].keys() == results[1].keys()
+        results.append({n: averaging.averaged(n, 20).clone() for n in averaging.averagers})
+        background.close()
+    assert results[0].keys() == results[1].keys() == {"ema", "swa", "lawa"}
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), name
 
@@ -134,6 +139,6 @@ def test_each_rank_holds_its_share_of_the_state():
             SWA(layout.shares, 0, 1, CPU),
             OnlineLAWA(layout.shares, k, 1, CPU),
         ]
-        held = sum(t.numel() for a in averagers for t in a.tensors().values())
+        held = sum(t.numel() for a in averagers for t in a.state_dict().values() if isinstance(t, torch.Tensor))
         assert held == (2 + k) * layout.shares.numel <= (2 + k) * -(-numel // world)
         assert averagers[2].mean.numel() == layout.shares.numel  # the named output buffer

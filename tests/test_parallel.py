@@ -17,13 +17,14 @@ import pytest
 import torch
 from conftest import ROOT, resume_state, signalled_at, tiny_config, write_config_file
 
-from ewa.engine.checkpointer import SafeReader, SnapshotWriter
-from ewa.engine.config import config_from_dict
+from ewa.engine.background import Background
+from ewa.engine.checkpointer import Checkpointer
+from ewa.engine.config import TrainConfig, config_from_dict
 from ewa.engine.logger import read_metrics
 from ewa.engine.parallel import FlatLayout
-from ewa.engine.runtime import peak_flops_of
+from ewa.engine.runtime import Runtime, peak_flops_of
 from ewa.engine.trainer import run
-from ewa.files import CheckpointError, Weights, list_checkpoints, load_weights, save_snapshot
+from ewa.files import CheckpointError, SafeReader, Weights, list_checkpoints, load_weights, read_resume, save_snapshot
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
@@ -37,7 +38,8 @@ cfg = load_config(sys.argv[1], sys.argv[3:])
 rt = init_runtime(cfg.device, cfg.dtype, group=cfg.parallel == "fsdp")
 trainer = Trainer(cfg, rt)
 trainer.fit()
-held = {name: sum(t.numel() for t in a.tensors().values()) for name, a in trainer.averaging.averagers.items()}
+held = {name: sum(t.numel() for t in a.state_dict().values() if isinstance(t, torch.Tensor))
+        for name, a in trainer.averaging.averagers.items()}
 report = {"accum": trainer.accum, "share": trainer.layout.shares.numel, "held": held,
           "model": sum(p.numel() for p in trainer.params), "lawa_out": trainer.averaging.averagers["lawa"].mean.numel()}
 json.dump(report, open(f"{sys.argv[2]}/rank{rt.rank}.json", "w"))
@@ -171,17 +173,20 @@ def test_background_snapshot_equals_a_synchronous_save(tmp_path):
     torch.manual_seed(0)
     names, shapes = ["a", "b"], [torch.Size([6, 4]), torch.Size([7])]
     params = [torch.randn(s) for s in shapes]
-    meta = {"step": "3", "format": "ewa-snapshot-1"}
+    meta = {"step": "3", "format": "ewa-snapshot-1", "model_config": "{}"}
     save_snapshot(tmp_path / "sync" / "step_00000003.safetensors", dict(zip(names, params)), meta | {"kind": "raw"})
     for world in (1, 3):
         for rank in range(world):
             layout = FlatLayout(names, shapes, world, rank)
-            writer = SnapshotWriter(layout, torch.device("cpu"), rank, after_write=lambda step: None)
-            writer.save({"raw": tmp_path / f"w{world}"}, 3, {"raw": layout.pieces(params)}, {}, None, meta)
-            writer.background.wait()
-            writer.background.close()
+            rt = Runtime(rank, 0, world, torch.device("cpu"), torch.float32)
+            background = Background(rt.device)
+            checkpointer = Checkpointer(TrainConfig(out_dir=str(tmp_path / f"w{world}")), {}, layout, background, rt, {})
+            checkpointer.save_snapshots(3, {"raw": layout.pieces(params)})
+            background.wait()
+            background.close()
     sync = Weights(tmp_path / "sync" / "step_00000003.safetensors")
-    for written in (tmp_path / "w1" / "step_00000003.safetensors", tmp_path / "w3" / "step_00000003"):
+    written = [tmp_path / f"w{w}" / "snapshots" / "raw" / f"step_00000003{s}" for w, s in ((1, ".safetensors"), (3, ""))]
+    for written in written:
         got = Weights(written)
         assert got.metadata == sync.metadata == meta | {"kind": "raw"} and got.keys() == sync.keys()
         assert all(torch.equal(got.get(n), sync.get(n)) for n in names)
@@ -210,8 +215,6 @@ runpy.run_path("train_small.py", run_name="__main__")
 
 
 def assert_every_checkpoint_loads(run_dir: Path) -> None:
-    from ewa.engine.checkpointer import read_resume
-
     for path in list_checkpoints(run_dir / "resume").values():
         read_resume(path)
     for kind in ("raw", "ema", "swa"):
@@ -324,12 +327,12 @@ def test_the_batch_split_error_is_printed_once_with_choices_that_work(tmp_path, 
 
 def test_the_evaluation_is_left_out_of_the_throughput(tmp_path, data_dir, monkeypatch):
     """On a fake clock: a training step takes 1 s, scoring one model 50 s."""
-    import ewa.engine.trainer
+    import ewa.engine.logger
     from ewa.engine.runtime import init_runtime
     from ewa.engine.trainer import Trainer
 
     clock = [0.0]
-    monkeypatch.setattr(ewa.engine.trainer.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(ewa.engine.logger.time, "perf_counter", lambda: clock[0])
 
     class Timed(Trainer):
         def train_step(self):
@@ -370,7 +373,8 @@ def test_averages_are_restored_in_place_on_the_parameters_device(tmp_path, data_
     trainer = Trainer(cfg.replace(init_from="resume", max_steps=40), init_runtime("cpu", "float32"))
     assert trainer.step == 30
     for name, averager in trainer.averaging.averagers.items():
-        for buffer, t in averager.tensors().items():
+        buffers = {k: t for k, t in averager.state_dict().items() if isinstance(t, torch.Tensor)}
+        for buffer, t in buffers.items():
             assert t.device == trainer.params[0].device == averager.device, (name, buffer)
     # loaded in place: the buffers checkpoints read are those the updates write through their views
     ema, swa, lawa = (trainer.averaging.averagers[n] for n in ("ema", "swa", "lawa"))
@@ -473,31 +477,27 @@ def test_a_fsdp_checkpoint_continues_under_ddp_in_one_process(runs, tmp_path, ca
     assert trainer.step == 40
     assert all(torch.equal(p.detach(), final["model"][n]) for n, p in zip(trainer.names, trainer.params))
     out = capsys.readouterr().out
-    assert "has no ema state of this layout (it was saved under the other `parallel`); ema starts at step 40" in out
+    assert "has no ema state of this layout (it was saved under the other `parallel`); ema restarts from the loaded weights" in out
     trainer.close()
 
 
-def test_a_host_staging_copy_is_made_off_the_training_thread():
-    """On a CPU the copy into the staging buffers runs on the Stager's thread: ``stage``
-    returns before it is done, and ``before_params_change`` (called before the optimizer
-    writes the weights) returns only once it is."""
+def test_a_host_staging_copy_is_made_off_the_training_thread(monkeypatch):
+    """On a CPU the copy into the staging buffers runs on the background's copy thread: ``copy``
+    returns before it is done, and ``fence()`` (passed before the optimizer writes the weights)
+    returns only once it is."""
     import threading
 
-    from ewa.engine.checkpointer import Stager
+    from ewa.engine import background as bg
 
-    gate = threading.Event()
-
-    class Gated(Stager):
-        def _host_copy(self, dst, src):
-            gate.wait(timeout=30)
-            super()._host_copy(dst, src)
-
-    stager = Gated(torch.device("cpu"))
-    weights = torch.arange(1000, dtype=torch.float32)
-    staged, ready = stager.stage({"w": weights}, {}, None)
-    assert not stager._copied.done()  # the training thread goes on while the copy waits
+    gate, real = threading.Event(), bg._copy_bytes
+    monkeypatch.setattr(bg, "_copy_bytes", lambda dst, src: (gate.wait(timeout=30), real(dst, src)))
+    background = Background(torch.device("cpu"))
+    weights, staged = torch.arange(1000, dtype=torch.float32), torch.empty(1000)
+    done = background.copy([staged], [weights])
+    assert not done.done()  # the training thread goes on while the copy waits
     threading.Timer(0.2, gate.set).start()
-    stager.before_params_change()
-    weights.add_(1.0)  # the optimizer's step, after the wait
-    ready()
-    assert torch.equal(staged["w"], torch.arange(1000, dtype=torch.float32))
+    background.fence()
+    weights.add_(1.0)  # the optimizer's step, after the fence
+    bg.wait_for(done)
+    assert torch.equal(staged, torch.arange(1000, dtype=torch.float32))
+    background.close()

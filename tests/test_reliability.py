@@ -15,11 +15,12 @@ from conftest import ROOT, resume_state, tiny_config, write_config_file
 
 import ewa.engine.checkpointer
 import ewa.files
-from ewa.engine.checkpointer import read_resume
+
 from ewa.engine.logger import read_metrics
 from ewa.engine.runtime import init_runtime
-from ewa.engine.trainer import NonFiniteLoss, Trainer, run
-from ewa.files import CheckpointError, Weights, list_checkpoints
+from ewa.engine.logger import NonFiniteLoss
+from ewa.engine.trainer import Trainer, run
+from ewa.files import CheckpointError, Weights, list_checkpoints, read_resume
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
@@ -132,7 +133,7 @@ def test_sigterm_saves_a_resume_checkpoint_and_exits_cleanly(reference, tmp_path
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 0
-    assert "stopped by a signal at step" in rest and "--init_from=resume" in rest
+    assert "stopped by a signal at step" in rest and "--init_from=auto" in rest
     stopped_at = int(rest.split("stopped by a signal at step ")[1].split(";")[0])
     assert stopped_at in list_checkpoints(out / "resume") and stopped_at < 60
     proc = start(config_file, f"--out_dir={out}", "--init_from=resume")

@@ -11,7 +11,8 @@ from ewa.engine.config import ConfigError, TrainConfig
 from ewa.engine.logger import read_metrics
 from ewa.engine.runtime import init_runtime
 from ewa.engine.schedule import base_lr
-from ewa.engine.trainer import Preempted, Trainer, branch_average, run
+from ewa.engine.start import branch_average
+from ewa.engine.trainer import Preempted, Trainer, run
 from ewa.files import list_checkpoints, load_weights
 
 
@@ -129,7 +130,7 @@ def test_a_branch_starts_from_the_average_it_asked_for(tmp_path, data_dir, weigh
     assert [r["step"] for r in records if r["kind"] == "eval"] == [30, 40]
     # the optimizer state is the raw checkpoint's at step 30
     saved, now = resume_state(tmp_path / "orig", 30), resume_state(tmp_path / "branch", 30)
-    assert all(torch.equal(now["model"][k], first[k]) for k in saved["meta"]["names"])
+    assert all(torch.equal(now["model"][k], first[k]) for k in saved["model"])
     opt_saved, opt_branch = read_optimizer(tmp_path / "orig", 30), read_optimizer(tmp_path / "branch", 30)
     assert opt_saved.keys() == opt_branch.keys() and all(torch.equal(opt_branch[k], v) for k, v in opt_saved.items())
 
@@ -149,12 +150,7 @@ def test_a_branch_keeps_the_originals_lr_schedule():
 
 
 def read_optimizer(run_dir: Path, step: int) -> dict:
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    from ewa.engine.checkpointer import SafeReader
-
-    path = list_checkpoints(run_dir / "resume")[step]
-    return _load_state_dict_from_keys(storage_reader=SafeReader(path))["optimizer"]
+    return resume_state(run_dir, step)["optimizer"]
 
 
 def test_a_branch_can_reset_the_optimizer(tmp_path, data_dir):

@@ -94,9 +94,26 @@ def test_a_finished_run_is_not_overwritten(tmp_path, data_dir):
     run(cfg)
     with pytest.raises(ConfigError, match="already holds a run.*--init_from=resume"):
         run(cfg)
-    with pytest.raises(ConfigError, match=r"model does not match this config.*shapes \['transformer.h.0.attn.c_attn.weight: "
-                                              r"\(96, 32\) vs model \(192, 64\)"):
+    with pytest.raises(ConfigError, match=r"holds a run with n_embd=32, this command has n_embd=64: continue it with"):
         run(cfg.replace(init_from="resume", n_embd=64, max_steps=20))
+
+
+def test_auto_starts_continues_and_finishes_with_the_same_command(tmp_path, data_dir, capsys):
+    """init_from=auto: scratch in an empty out_dir; the same command continues an interrupted run
+    to the uninterrupted weights, says a finished run is complete, refuses other model or data."""
+    whole = tiny_config(tmp_path / "whole", data_dir, lr_decay_steps=40)
+    run(whole)
+    cut = whole.replace(out_dir=str(tmp_path / "cut"), init_from="auto")
+    run(cut.replace(max_steps=20))  # "preempted" at step 20: the same out_dir, a shorter run
+    run(cut)
+    assert resume_state(tmp_path / "cut")["step"] == 40
+    a, b = resume_state(tmp_path / "whole")["model"], resume_state(tmp_path / "cut")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = (tmp_path / "cut" / "metrics.jsonl").read_text()
+    assert run(cut) == {} and "is complete (step 40 of max_steps=40): nothing to train" in capsys.readouterr().out
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == metrics
+    with pytest.raises(ConfigError, match=r"holds a run with n_layer=2, seed=1337, this command has n_layer=3, seed=1: "):
+        run(cut.replace(n_layer=3, seed=1, max_steps=60))
 
 
 def test_init_from_weights_file(tmp_path, data_dir):

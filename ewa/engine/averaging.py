@@ -1,66 +1,64 @@
 """Weight averages kept during training: EMA, SWA and online LAWA, over this rank's share.
 
-Each averager holds fp32 state for the rank's share of the parameters only (see
-``ewa.engine.parallel``): a flat buffer viewed as the share's pieces. It sees the share after every
-optimizer step it ``acts`` on (and at the run's first step, the initial weights), and keeps
-its counters with its tensors so a resumed run continues the same average. Updates are
-multi-tensor ``torch._foreach_*`` ops.
+An averager is a small object, as timm's ``ModelEmaV3`` and torch's ``AveragedModel``: ``acts``
+(whether it averages at a step), ``update`` (folds the weights in, with multi-tensor
+``torch._foreach_*`` ops), ``averaged`` (the flat fp32 average, or None when there is none at
+that step), ``reset`` (start again from the current weights) and ``state_dict`` /
+``load_state_dict`` (its buffers and counters together, so a resumed run continues the same
+average). It holds fp32 state for the rank's share of the parameters only
+(``ewa.engine.parallel``): a flat buffer viewed as the share's pieces.
 
-``Averaging`` runs them. With ``host=True`` their state lives in (pinned) host memory: after
-a step the share is copied to a host staging buffer on a side CUDA stream, and a background
-thread applies the updates, so the training thread never waits for them; the copy is waited
-for on the GPU before the optimizer next changes the weights (``before_params_change``), and
-the thread's work before the state is next read (``wait``).
+``Averaging`` is the trainer's averaging component. It updates the averagers after each step,
+swaps each average into the live model for an evaluation (the live weights come back in
+``finally``), and hands the checkpointer their snapshots and state. With
+``averaging_device=cpu`` their state lives in (pinned) host memory: the share is copied to a
+staging buffer off the training thread and the updates run on the background's ``averaging``
+lane, so the training thread does not wait for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Future
+from typing import Any
 
 import torch
 
-from ewa.engine.parallel import Shares
+from ewa.engine.background import Background, Done, wait_for
+from ewa.engine.config import ConfigError, TrainConfig
+from ewa.engine.parallel import Layout, Pieces, Shares
 from ewa.window import coefficients, window_mean
 
-if TYPE_CHECKING:
-    from ewa.engine.config import TrainConfig
-
-Tensors = list[torch.Tensor]
 SUM_BLOCK = 1 << 22  # elements summed in float64 at a time by online LAWA
 
 
 class Averager:
-    """Interface: ``acts(step)``, ``update(share, step)``, ``averaged(step)`` (the flat fp32
-    average of the share, or None when there is none at that step), ``tensors()`` (the
-    flat state buffers, for checkpoints) and ``counters()`` / ``load_counters``."""
-
-    name = ""
+    """An average of the rank's share (see the module docstring for the interface)."""
 
     def __init__(self, shares: Shares, device: torch.device, pin: bool):
         self.shares, self.device, self.pin = shares, device, pin
 
-    def _buffer(self) -> tuple[torch.Tensor, Tensors]:
+    def _buffer(self) -> tuple[torch.Tensor, Pieces]:
         flat = self.shares.alloc(self.device, self.pin)
         return flat, self.shares.split(flat)
+
+    def reset(self, share: Pieces) -> None:
+        raise NotImplementedError
 
     def acts(self, step: int) -> bool:
         raise NotImplementedError
 
-    def update(self, share: Tensors, step: int) -> None:
+    def update(self, share: Pieces, step: int) -> None:
         raise NotImplementedError
 
     def averaged(self, step: int) -> torch.Tensor | None:
         raise NotImplementedError
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def counters(self) -> dict:
-        raise NotImplementedError
-
-    def load_counters(self, counters: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The counters of ``state``; its buffers are this averager's own, loaded in place."""
         raise NotImplementedError
 
 
@@ -68,75 +66,71 @@ class EMA(Averager):
     """Exponential moving average: ``ema = decay * ema + (1 - decay) * weights`` every step,
     starting from the initial weights."""
 
-    name = "ema"
-
-    def __init__(self, shares: Shares, initial: Tensors, decay: float, device: torch.device, pin: bool = False):
+    def __init__(self, shares: Shares, initial: Pieces, decay: float, device: torch.device, pin: bool = False):
         super().__init__(shares, device, pin)
-        self.decay, self.num_updates = decay, 0
+        self.decay = decay
         self.flat, self.views = self._buffer()
-        torch._foreach_copy_(self.views, initial)
+        self.reset(initial)
+
+    def reset(self, share: Pieces) -> None:
+        torch._foreach_copy_(self.views, share)
+        self.num_updates = 0
 
     def acts(self, step: int) -> bool:
         return True
 
     @torch.no_grad()
-    def update(self, share: Tensors, step: int) -> None:
+    def update(self, share: Pieces, step: int) -> None:
         torch._foreach_lerp_(self.views, share, 1.0 - self.decay)
         self.num_updates += 1
 
     def averaged(self, step: int) -> torch.Tensor:
         return self.flat
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"weights": self.flat}
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "weights": self.flat}
 
-    def counters(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates}
-
-    def load_counters(self, counters: dict) -> None:
-        self.decay, self.num_updates = counters["decay"], counters["num_updates"]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay, self.num_updates = state["decay"], state["num_updates"]
 
 
 class SWA(Averager):
     """Stochastic weight averaging: the uniform mean of the weights after steps
     ``start + every``, ``start + 2 * every``, ... (a running mean, as AveragedModel)."""
 
-    name = "swa"
-
     def __init__(self, shares: Shares, start: int, every: int, device: torch.device, pin: bool = False):
         super().__init__(shares, device, pin)
-        self.start, self.every, self.num_averaged = start, every, 0
+        self.start, self.every = start, every
         self.flat, self.views = self._buffer()
+        self.reset([])
+
+    def reset(self, share: Pieces) -> None:
         self.flat.zero_()
+        self.num_averaged = 0
 
     def acts(self, step: int) -> bool:
         return step > self.start and (step - self.start) % self.every == 0
 
     @torch.no_grad()
-    def update(self, share: Tensors, step: int) -> None:
+    def update(self, share: Pieces, step: int) -> None:
         self.num_averaged += 1
         torch._foreach_lerp_(self.views, share, 1.0 / self.num_averaged)
 
     def averaged(self, step: int) -> torch.Tensor | None:
         return self.flat if self.num_averaged else None
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"weights": self.flat}
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "every": self.every, "num_averaged": self.num_averaged, "weights": self.flat}
 
-    def counters(self) -> dict:
-        return {"start": self.start, "every": self.every, "num_averaged": self.num_averaged}
-
-    def load_counters(self, counters: dict) -> None:
-        self.start, self.every, self.num_averaged = counters["start"], counters["every"], counters["num_averaged"]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start, self.every, self.num_averaged = state["start"], state["every"], state["num_averaged"]
 
 
 class OnlineLAWA(Averager):
-    """LAWA during training: keeps the share at the k latest multiples of nu in k slots,
-    and at a step t that is one of them averages t, t - nu, ..., t - (k-1)*nu in float64
-    (uniformly, or with the coefficients of ``ewa.window.merge_weights``) through the window
-    kernel: the same window, and the same figure, as offline ``lawa.py`` over the run's snapshots."""
-
-    name = "lawa"
+    """LAWA during training: keeps the share at the k latest multiples of nu in k slots, and
+    at a step t that is one of them merges t, t - nu, ..., t - (k-1)*nu with the window kernel
+    of ``ewa.window`` (uniformly, or with the coefficients of ``merge_weights``): the same
+    window, and the same figure, as offline ``lawa.py`` over the run's snapshots."""
 
     def __init__(
         self,
@@ -148,31 +142,31 @@ class OnlineLAWA(Averager):
         out: torch.Tensor | None = None,
         weights: str = "uniform",
     ):
-        """``out``: where ``averaged`` writes the mean (default: a buffer of its own); valid
-        until the next ``update``. ``weights``: the merge's weights (``merge_weights``)."""
+        """``out``: where ``averaged`` writes the merge (default: a buffer of its own); valid
+        until the next ``update``."""
         super().__init__(shares, device, pin)
         self.k, self.nu = k, nu
         self.coefficients = coefficients(weights, k)
         self.slots = [self._buffer() for _ in range(k)]
-        self.slot_steps = [-1] * k  # the step each slot holds (-1: empty)
         self.mean = out if out is not None else self.shares.alloc(device, pin)
+        self.reset([])
+
+    def reset(self, share: Pieces) -> None:
+        self.slot_steps = [-1] * self.k  # the step each slot holds (-1: empty)
 
     def acts(self, step: int) -> bool:
         return step % self.nu == 0
 
     @torch.no_grad()
-    def update(self, share: Tensors, step: int) -> None:
+    def update(self, share: Pieces, step: int) -> None:
         slot = min(range(self.k), key=lambda i: self.slot_steps[i])  # an empty or the oldest slot
         torch._foreach_copy_(self.slots[slot][1], share)
         self.slot_steps[slot] = step
 
-    def window_steps(self) -> list[int]:
-        return sorted(s for s in self.slot_steps if s >= 0)
-
     @torch.no_grad()
     def averaged(self, step: int) -> torch.Tensor | None:
         expected = [step - j * self.nu for j in reversed(range(self.k))]
-        if self.window_steps() != expected:
+        if sorted(s for s in self.slot_steps if s >= 0) != expected:
             return None
         members = [self.slots[self.slot_steps.index(s)][0] for s in expected]  # oldest first
         for a in range(0, self.shares.numel, SUM_BLOCK):
@@ -180,22 +174,18 @@ class OnlineLAWA(Averager):
             window_mean(self.k, lambda i: members[i][block], self.coefficients, out=self.mean[block])  # noqa: B023
         return self.mean
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"slot{i}": flat for i, (flat, _) in enumerate(self.slots)}
+    def state_dict(self) -> dict[str, Any]:
+        slots = {f"slot{i}": flat for i, (flat, _) in enumerate(self.slots)}
+        return {"k": self.k, "nu": self.nu, "slot_steps": list(self.slot_steps), **slots}
 
-    def counters(self) -> dict:
-        return {"k": self.k, "nu": self.nu, "slot_steps": list(self.slot_steps)}
-
-    def load_counters(self, counters: dict) -> None:
-        if (counters["k"], counters["nu"]) != (self.k, self.nu):
-            raise ValueError(
-                f"online LAWA state has k={counters['k']}, nu={counters['nu']}, the config k={self.k}, nu={self.nu}"
-            )
-        self.slot_steps = list(counters["slot_steps"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["k"], state["nu"]) != (self.k, self.nu):
+            raise ValueError(f"online LAWA state has k={state['k']}, nu={state['nu']}, the config k={self.k}, nu={self.nu}")
+        self.slot_steps = list(state["slot_steps"])
 
 
 def build_averagers(
-    cfg: TrainConfig, shares: Shares, share: Tensors, device: torch.device, staging: torch.Tensor | None
+    cfg: TrainConfig, shares: Shares, share: Pieces, device: torch.device, staging: torch.Tensor | None
 ) -> dict[str, Averager]:
     """The averagers of ``cfg`` over this rank's ``share``, starting from its current values:
     on ``device``, or, given the ``staging`` buffer (host memory, pinned for a GPU), beside it
@@ -210,83 +200,106 @@ def build_averagers(
     return averagers
 
 
-def copy_share(dst: Tensors, src: Tensors, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
-    """``dst <- src``; from a GPU, asynchronously on ``stream`` once the current stream's work
-    is done, returning the event that marks the copy's end (None: the copy is done)."""
-    if stream is None or src[0].device.type != "cuda":
-        torch._foreach_copy_(dst, src)
-        return None
-    stream.wait_stream(torch.cuda.current_stream(src[0].device))
-    with torch.cuda.stream(stream):
-        torch._foreach_copy_(dst, src, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-    return done
-
-
 class Averaging:
-    """Every averager of a run over this rank's share of the live parameters."""
+    """Every averager of a run, over this rank's share of the live parameters."""
 
-    def __init__(self, averagers: dict[str, Averager], share: Tensors, staging: torch.Tensor | None = None):
-        """``share``: views of the live parameters (updated in place by the optimizer).
-        ``staging``: a host buffer of the share's size (pinned for a GPU); when given, the
-        averagers' state is on the host and updated in the background from copies made
-        into it (it may also hold online LAWA's output, which is read before the next update)."""
-        self.averagers, self.share, self.host = averagers, share, staging is not None
-        self._job: Future | None = None
-        self._copied: torch.cuda.Event | None = None
-        if self.host:
-            self.staging = [
-                t.view(s.shape) for t, s in zip(staging.split([t.numel() for t in share]), share, strict=True)
-            ]
-            on_gpu = share[0].device.type == "cuda"
-            self._stream = torch.cuda.Stream(share[0].device) if on_gpu else None
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ewa-averaging")
+    optional = True  # a checkpoint may lack an average (a new one, another `parallel`): it restarts
+
+    def __init__(self, cfg: TrainConfig, layout: Layout, params: list[torch.Tensor], background: Background,
+                 master: bool = True):
+        self.layout, self.params, self.background, self.master = layout, params, background, master
+        self.share = layout.pieces(params)  # views of the live parameters, written by the optimizer
+        device = params[0].device
+        host = cfg.averaging_device == "cpu"
+        staging = layout.shares.alloc(device, pin=device.type == "cuda") if host else None
+        self.staging = layout.shares.split(staging) if host else None
+        self.lane = "averaging" if host else None  # where the averagers' state is written
+        self._updated: Future | None = None
+        self.averagers = build_averagers(cfg, layout.shares, self.share, device, staging)
 
     def update(self, step: int) -> None:
         """Fold the weights after ``step`` into every averager acting at ``step``."""
         acting = [a for a in self.averagers.values() if a.acts(step)]
         if not acting:
             return
-        if not self.host:
+        self.background.fence()  # copies of the averages may still be reading them
+        if self.lane is None:
             for a in acting:
                 a.update(self.share, step)
             return
-        self.wait()  # the staging buffer is free once the previous job is done
-        self._copied = copy_share(self.staging, self.share, self._stream)
-        self._job = self._pool.submit(self._host_update, acting, step, self._copied)
+        wait_for(self._updated)  # the staging buffer is free once the last update has read it
+        copied = self.background.copy(self.staging, self.share)
+        self._updated = self.background.submit(self.lane, self._host_update, acting, step, copied)
 
-    def _host_update(self, acting: list[Averager], step: int, copied: torch.cuda.Event | None) -> None:
-        if copied is not None:
-            copied.synchronize()
+    def _host_update(self, acting: list[Averager], step: int, copied: Done) -> None:
+        wait_for(copied)
         for a in acting:
             a.update(self.staging, step)
 
-    def before_params_change(self) -> None:
-        """Make the GPU wait for the copy of the share before the optimizer writes it."""
-        if self._copied is not None:
-            torch.cuda.current_stream().wait_event(self._copied)
-            self._copied = None
-
     def wait(self) -> None:
-        """Until the background updates are done (re-raising their error, if any)."""
-        if self._job is not None:
-            job, self._job = self._job, None
-            job.result()
-
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` once the background updates in flight are done (at once on the device)."""
-        if self.host:
-            return self._pool.submit(fn)
-        done: Future = Future()
-        done.set_result(fn())
-        return done
+        """Until the updates in the background are done (their state may be read then)."""
+        if self.lane is not None:
+            self.background.wait(self.lane)
 
     def averaged(self, name: str, step: int) -> torch.Tensor | None:
         self.wait()
         return self.averagers[name].averaged(step)
 
-    def close(self) -> None:
-        self.wait()
-        if self.host:
-            self._pool.shutdown()
+    def snapshots(self, step: int) -> dict[str, Pieces]:
+        """The averages to snapshot at ``step``, by kind: every one but LAWA's (lawa.py makes
+        those offline from the raw snapshots)."""
+        flats = {name: self.averaged(name, step) for name in self.averagers if name != "lawa"}
+        return {name: self.layout.shares.split(flat) for name, flat in flats.items() if flat is not None}
+
+    @torch.no_grad()
+    def evaluate(self, step: int, score: Callable[[], float]) -> dict[str, float]:
+        """``score()`` of the model with each average that exists at ``step`` swapped in (this
+        rank's share of it; under DDP gathered into every rank's parameters), the live weights
+        restored after, whatever happens."""
+        averages = {name: self.averaged(name, step) for name in self.averagers}
+        averages = {name: flat for name, flat in averages.items() if flat is not None}
+        if not averages:
+            return {}
+        self.background.fence()  # checkpoint copies in flight read the live weights
+        results = {}
+        with self.layout.swapping(self.params) as load:
+            for name, flat in averages.items():
+                load(flat)
+                results[name] = score()
+        return results
+
+    def reset(self, names: list[str] | None = None) -> None:
+        """Restart the named averagers (default: all) from the live weights."""
+        for name in self.averagers if names is None else names:
+            self.averagers[name].reset(self.share)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each averager's counters, and its buffers as reshardable checkpoint entries."""
+        self.wait()  # the counters saved are those of the tensors copied
+        return {name: {k: self.layout.global_tensor(v) if isinstance(v, torch.Tensor) else v
+                       for k, v in a.state_dict().items()} for name, a in self.averagers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue each average whose state ``state`` holds whole (its buffers were loaded in
+        place); the others restart from the loaded weights."""
+        mine = self.state_dict()
+        for name, averager in self.averagers.items():
+            saved = state.get(name, {})
+            if _paths(saved) == _paths(mine[name]):
+                try:
+                    averager.load_state_dict(saved)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+                continue
+            averager.reset(self.share)
+            if self.master:
+                other = " of this layout (it was saved under the other `parallel`)" if saved else ""
+                print(f"note: the checkpoint has no {name} state{other}; {name} restarts from the loaded weights")
+
+
+def _paths(tree: dict, prefix: tuple = ()) -> set[tuple]:
+    """The paths of a nested dict's leaves."""
+    paths = set()
+    for k, v in tree.items():
+        paths |= _paths(v, (*prefix, k)) if isinstance(v, dict) else {(*prefix, k)}
+    return paths

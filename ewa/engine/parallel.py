@@ -16,6 +16,7 @@ Averagers keep fp32 state for their share only (``Shares.alloc``), so a rank hol
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,12 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 if TYPE_CHECKING:
     from ewa.engine.runtime import Runtime
 
-Tensors = list[torch.Tensor]
+Pieces = list[torch.Tensor]  # views into parameters (a rank's share), or into a flat buffer
 GATHER_ELEMENTS = 1 << 24  # elements per rank per all-gather round when assembling a model (64 MiB fp32)
 
 
@@ -87,7 +87,7 @@ class Shares:
     def numel(self) -> int:
         return sum(s.numel() for s in self.shapes)
 
-    def split(self, flat: torch.Tensor) -> Tensors:
+    def split(self, flat: torch.Tensor) -> Pieces:
         """Views of a flat buffer of ``numel`` elements, one per piece."""
         return [t.view(s) for t, s in zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)]
 
@@ -104,18 +104,18 @@ class Layout:
     world: int
     shares: Shares
 
-    def pieces(self, params: Tensors) -> Tensors:
+    def pieces(self, params: list[torch.Tensor]) -> Pieces:
         """The rank's pieces of the live parameters (views: writing to them writes the model)."""
         raise NotImplementedError
 
-    def load(self, params: Tensors, flat: torch.Tensor) -> None:
+    def load(self, params: list[torch.Tensor], flat: torch.Tensor) -> None:
         """Make every rank's live parameters hold the values whose share on each rank is
         that rank's ``flat`` (all ranks call this together)."""
         raise NotImplementedError
 
-    def global_tensors(self, name: str, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The share ``flat`` as reshardable checkpoint entries (DTensors under a process
-        group; plain full tensors in a single process)."""
+    def global_tensor(self, flat: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The share ``flat`` as a reshardable checkpoint entry, or one per parameter (DTensors
+        under a process group, viewing ``flat``: a checkpoint loads into them in place)."""
         raise NotImplementedError
 
     def share_of(self, full: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -127,7 +127,7 @@ class Layout:
         return torch.cat([p.float() for p in pieces]) if pieces else torch.empty(0)
 
     @contextlib.contextmanager
-    def swapping(self, params: Tensors) -> Iterator[Callable[[torch.Tensor], None]]:
+    def swapping(self, params: list[torch.Tensor]) -> Iterator[Callable[[torch.Tensor], None]]:
         """Yields ``load(flat)``, which puts a share (e.g. an average) into the live model;
         the live weights come back afterwards. Only this rank's share is backed up."""
         backup = torch.cat([p.reshape(-1) for p in self.pieces(params)]) if self.shares.numel else None
@@ -166,14 +166,14 @@ class FlatLayout(Layout):
                 yield i, a - offset, b - offset
             offset += n
 
-    def pieces(self, params: Tensors) -> Tensors:
+    def pieces(self, params: list[torch.Tensor]) -> Pieces:
         return [params[i].detach().view(-1)[a:b] for i, a, b in self.owned]
 
     def where(self) -> list[tuple[str, int, torch.Size]]:
         return [(self.names[i], a, self.shapes[i]) for i, a, _ in self.owned]
 
     @torch.no_grad()
-    def load(self, params: Tensors, flat: torch.Tensor) -> None:
+    def load(self, params: list[torch.Tensor], flat: torch.Tensor) -> None:
         if self.world == 1:
             torch._foreach_copy_(self.pieces(params), self.shares.split(flat))
             return
@@ -193,53 +193,43 @@ class FlatLayout(Layout):
                     params[i].view(-1)[a:b].copy_(got[done : done + b - a])
                     done += b - a
 
-    def global_tensors(self, name: str, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    def global_tensor(self, flat: torch.Tensor) -> torch.Tensor:
         if not dist.is_initialized():
-            return {name: flat}
-        mesh = world_mesh(flat.device)
-        return {name: DTensor.from_local(flat, mesh, [Shard(0)], run_check=False, shape=(self.total,), stride=(1,))}
+            return flat
+        mesh = world_mesh(flat.device.type)
+        return DTensor.from_local(flat, mesh, [Shard(0)], run_check=False, shape=(self.total,), stride=(1,))
 
 
 class ShardLayout(Layout):
     """The local shards of FSDP2's DTensor parameters."""
 
-    def __init__(self, names: list[str], params: Tensors, modules: list[nn.Module]):
+    def __init__(self, names: list[str], params: list[torch.Tensor], modules: list[nn.Module]):
         """``modules``: the FSDP modules, told to drop gathered weights after a load."""
         self.names, self.modules = names, modules
         self.world = params[0].device_mesh.size()
-        self.specs = [(p.shape, p.stride(), p.placements) for p in params]
+        self.params = params
         self.shares = Shares(tuple(p.to_local().shape for p in params))
-        self.offsets = [
-            sum(
-                o * s
-                for o, s in zip(
-                    compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1], p.stride()
-                )
-            )
-            for p in params
-        ]
+        self.offsets = [row_offset(p) * p.stride(0) for p in params]
 
-    def pieces(self, params: Tensors) -> Tensors:
+    def pieces(self, params: list[torch.Tensor]) -> Pieces:
         return [p.detach().to_local() for p in params]
 
     def where(self) -> list[tuple[str, int, torch.Size]]:
-        return [(n, o, spec[0]) for n, o, spec in zip(self.names, self.offsets, self.specs, strict=True)]
+        return [(n, o, p.shape) for n, o, p in zip(self.names, self.offsets, self.params, strict=True)]
 
     @torch.no_grad()
-    def load(self, params: Tensors, flat: torch.Tensor) -> None:
+    def load(self, params: list[torch.Tensor], flat: torch.Tensor) -> None:
         torch._foreach_copy_(self.pieces(params), self.shares.split(flat))
         for module in self.modules:  # the root keeps its gathered weights after an eval forward
             module.reshard()
 
-    def global_tensors(self, name: str, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        mesh = world_mesh(flat.device)
+    def global_tensor(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
-            f"{name}.{n}": DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
-            for n, t, (shape, stride, placements) in zip(self.names, self.shares.split(flat), self.specs, strict=True)
+            n: like(t, spec) for n, t, spec in zip(self.names, self.shares.split(flat), self.params, strict=True)
         }
 
 
-def layout_of(names: list[str], params: Tensors, model: nn.Module, rt: Runtime) -> Layout:
+def layout_of(names: list[str], params: list[torch.Tensor], model: nn.Module, rt: Runtime) -> Layout:
     if isinstance(params[0], DTensor):
         from torch.distributed.fsdp import FSDPModule
 
@@ -247,8 +237,29 @@ def layout_of(names: list[str], params: Tensors, model: nn.Module, rt: Runtime) 
     return FlatLayout(names, [p.shape for p in params], rt.world_size, rt.rank)
 
 
-def world_mesh(device: torch.device):
-    """A 1-D device mesh over every rank, for checkpoint entries held on ``device``."""
+def row_offset(p: DTensor) -> int:
+    """The first row of this rank's local shard of an FSDP2 parameter: ``Shard(0)`` splits
+    rows as ``torch.chunk`` does (``torch.distributed.tensor.Shard``'s documented semantics)."""
+    if tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"expected FSDP2's Shard(0) placement, got {p.placements}")
+    rows, world = p.shape[0], p.device_mesh.size()
+    first = min(rows, p.device_mesh.get_coordinate()[0] * math.ceil(rows / world))
+    assert p.to_local().shape[0] == min(math.ceil(rows / world), rows - first), "not torch.chunk's split"
+    return first
+
+
+def like(local: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``local`` (this rank's part of ``t``, e.g. a host buffer) as a DTensor sharded as ``t``
+    is, left on its device (a mesh of its device type: no copy is made)."""
+    if not isinstance(t, DTensor):
+        return local
+    mesh = world_mesh(local.device.type)
+    return DTensor.from_local(local, mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+
+
+@functools.cache
+def world_mesh(device_type: str):
+    """A 1-D device mesh over every rank, for checkpoint entries held on that type of device."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device.type, (dist.get_world_size(),))
+    return init_device_mesh(device_type, (dist.get_world_size(),))

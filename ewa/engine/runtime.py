@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,6 +63,25 @@ class Runtime:
         t = torch.tensor([int(flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+
+class StopSignal:
+    """SIGTERM and SIGUSR1 (e.g. Slurm's ``--signal=USR1@120``) as a flag the training loop
+    reads every step: the run then stops cleanly, with a resume checkpoint."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def seen(self, rt: Runtime) -> bool:
+        """Whether any rank received one: the same answer on every rank."""
+        return rt.any(self.received is not None)
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
