@@ -3,11 +3,13 @@
 Pre-LayerNorm transformer blocks, GELU MLP, tied input/output embeddings and GPT-2's
 initialisation. Attention uses ``scaled_dot_product_attention(is_causal=True)``, so the model
 holds no causal-mask buffer: every tensor in ``state_dict`` is a trained parameter, which is
-what weight averaging and DDP broadcasts should see.
+what snapshots and weight averaging should see (the only buffers, the per-layer query scales of
+``scale_attn_by_inverse_layer_idx``, are non-persistent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Hugging Face names of the released GPT-2 models and their shapes.
 GPT2_SIZES = {
@@ -23,6 +26,14 @@ GPT2_SIZES = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+# the values of GPT.attention_backend other than "auto" (PyTorch's own choice)
+ATTENTION_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
 }
 
 
@@ -58,18 +69,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
-        head_dim = config.n_embd // config.n_head
-        self.scale = head_dim**-0.5
-        if config.scale_attn_by_inverse_layer_idx:
-            self.scale /= layer_idx + 1
+        # The per-layer factor 1 / (layer_idx + 1) is multiplied into the queries as a tensor, not
+        # passed to SDPA as its float ``scale``: torch.compile specialises on a float, so every
+        # block would compile to a graph of its own. Non-persistent: it is no trained weight, so
+        # state_dict (snapshots, averaging) never sees it; ``to`` and fully_shard move it.
+        q_scale = torch.tensor(1.0 / (layer_idx + 1)) if config.scale_attn_by_inverse_layer_idx else None
+        self.register_buffer("q_scale", q_scale, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
+        if self.q_scale is not None:
+            q = q * self.q_scale
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, scale=self.scale
-        )
+        # SDPA's default scale, 1 / sqrt(head_dim), the same in every layer
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -99,7 +113,50 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits ``h @ w.T`` (rows of ``h`` against ``targets``), made
+    ``rows`` rows at a time: the logits of the whole batch never exist at once. Each chunk's
+    gradients for ``h`` and ``w`` are made in the forward while its logits are at hand, so the
+    backward only scales them and recomputes nothing; ``grad``: whether to make them (not under
+    ``torch.no_grad``, which ``ctx.needs_input_grad`` does not tell). The logits are made in the
+    compute dtype (bf16 under autocast) and taken to fp32 for the softmax, as the plain path."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, rows, grad):
+        n = len(targets)
+        loss = torch.zeros((), device=h.device)
+        dh = torch.empty_like(h) if grad else None
+        dw = torch.zeros_like(w, dtype=torch.float32) if grad else None
+        for i in range(0, n, rows):
+            hc, tc = h[i : i + rows], targets[i : i + rows]
+            logits = F.linear(hc, w)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            loss -= logp.gather(1, tc[:, None]).sum()
+            if grad:
+                g = logp.exp_()  # d(loss)/d(logits) = (softmax - one_hot) / n
+                g[torch.arange(len(tc), device=g.device), tc] -= 1
+                g = g.div_(n).to(logits.dtype)
+                dh[i : i + rows] = g @ w
+                dw += g.t() @ hc
+        if grad:
+            ctx.save_for_backward(dh, dw.to(w.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        return dh * grad_loss, dw * grad_loss, None, None, None
+
+
 class GPT(nn.Module):
+    # Set by the trainer, not in GPTConfig (which describes the architecture, in every snapshot):
+    # rows of the final hidden states per chunk of the output layer and loss (ChunkedCrossEntropy);
+    # 0: the plain path, the whole batch's logits at once
+    loss_chunk_rows: int = 0
+    # the SDPA kernel: "auto" (PyTorch's choice) or a key of ATTENTION_BACKENDS; a compiled model
+    # keeps the kernel it was compiled with, so set it before the first forward
+    attention_backend: str = "auto"
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -139,8 +196,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        backend = self.attention_backend
+        with contextlib.nullcontext() if backend == "auto" else sdpa_kernel(ATTENTION_BACKENDS[backend]):
+            for block in self.transformer.h:
+                x = block(x)
         return self.transformer.ln_f(x)
 
     def forward(
@@ -151,8 +210,11 @@ class GPT(nn.Module):
         x = self.hidden(idx)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)
+        if self.loss_chunk_rows:
+            rows, grad = self.loss_chunk_rows, torch.is_grad_enabled()
+            return None, ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets, rows, grad)
+        return None, F.cross_entropy(self.lm_head(x).float(), targets)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """Next-token logits at every position."""
