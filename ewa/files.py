@@ -374,6 +374,15 @@ def snapshot_dir(run_dir: str | os.PathLike, kind: str = "raw") -> Path:
     return Path(run_dir) / "snapshots" / kind
 
 
+def run_snapshots(run_dir: str | os.PathLike, kind: str) -> dict[int, Path]:
+    """The ``kind`` snapshots of a run directory by step; none: an error naming the kinds it has."""
+    folder = snapshot_dir(run_dir, kind)
+    paths = list_checkpoints(folder) if folder.is_dir() else {}
+    if not paths:
+        raise CheckpointError(f"{folder}: no snapshots; pick --kind among {', '.join(snapshot_kinds(run_dir))}")
+    return paths
+
+
 def step_of(path: str | os.PathLike) -> int | None:
     """Training step encoded in a checkpoint's name: the last number in it
     (``step_00001000.safetensors``, ``ckpt_1000.pt``, ``step1000/``)."""

@@ -1,5 +1,6 @@
 """Tiny Hugging Face models, a tokenizer trained on the spot and lm-eval tasks over local JSON,
-shared by the tests of the Hugging Face side (nothing is downloaded)."""
+shared by the tests of the Hugging Face side (nothing is downloaded), and the plain float64
+averages that the merge engine's figures are checked against."""
 
 import json
 from pathlib import Path
@@ -8,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+from ewa.files import Weights
 
 
 def train_tokenizer(text: str) -> PreTrainedTokenizerFast:
@@ -41,6 +44,15 @@ def reference_average(model_dirs: list[Path]) -> dict[str, torch.Tensor]:
     """The plain definition: load every member whole, average in float64."""
     states = [AutoModelForCausalLM.from_pretrained(d).state_dict() for d in model_dirs]
     return {k: torch.stack([s[k].double() for s in states]).mean(0).to(states[-1][k].dtype) for k in states[-1]}
+
+
+def float64_average(files: list[Path]) -> dict[str, torch.Tensor]:
+    """The plain definition for any checkpoint files: load every file, sum in float64, divide."""
+    total: dict[str, torch.Tensor] = {}
+    for f in files:
+        for k, v in Weights(f).items():
+            total[k] = total.get(k, 0) + v.double()
+    return {k: (v / len(files)).float() for k, v in total.items()}
 
 
 def write_tasks(folder: Path, corpus: dict[str, str]) -> Path:

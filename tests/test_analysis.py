@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, tiny_config
+from hf_models import float64_average
 
+from analyze import main
 from ewa.engine.logger import read_metrics
 from ewa.engine.runtime import init_runtime
 from ewa.engine.trainer import run
 from ewa.files import load_weights
-from ewa.tools import lawa as lawa_cli
 from ewa.tools.analysis import (
-    AnalysisError,
     DiversityRun,
     Threshold,
     compare_spikes,
@@ -32,8 +32,9 @@ from ewa.tools.analysis import (
     spikes_after,
     trend,
 )
-from ewa.tools.analyze import main
-from ewa.tools.merge import reference_average
+from ewa.tools.cli import InputError
+from ewa.tools.lawa import build_evaluator, open_checkpoints
+from lawa import main as lawa_main
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,8 @@ def runs(tmp_path_factory, data_dir) -> tuple[Path, Path]:
 
 def scorer(path: Path):
     """The CLI's source, model and evaluator for ``path``, to compute figures directly."""
-    source = lawa_cli.open_source(path)
-    model, evaluator, _ = lawa_cli.build_evaluator(source, init_runtime("cpu", "float32"))
+    source = open_checkpoints(path)
+    model, evaluator, _ = build_evaluator(source, init_runtime("cpu", "float32"))
     return source, model, evaluator
 
 
@@ -63,7 +64,7 @@ def loss_of(path: Path, weights: dict) -> float:
 
 def lawa_py(path: Path, *flags: str) -> list[dict]:
     """lawa.py's figures for ``path``."""
-    return lawa_cli.run(lawa_cli.parse_args([str(path), *flags]))
+    return lawa_main([str(path), *flags])
 
 
 def records(path: Path, kind: str) -> list[dict]:
@@ -98,7 +99,7 @@ def test_ablation_streams_each_checkpoint_about_twice(runs):
     members = set(range(0, 41, 5))
     assert result.files_read <= 2 * len(members) < 4 * len(result.lawa[4, 5])  # not k reads per window
     window = [source.paths[s] for s in (25, 30, 35, 40)]
-    assert result.lawa[4, 5][40] == pytest.approx(loss_of(runs[0], reference_average(window)), abs=1e-6)
+    assert result.lawa[4, 5][40] == pytest.approx(loss_of(runs[0], float64_average(window)), abs=1e-6)
 
 
 def test_ablation_names_the_flag_when_nu_misses_the_snapshots(runs):
@@ -114,17 +115,17 @@ def test_lmc_endpoints_are_the_checkpoints_losses(runs, tmp_path):
     main(["lmc", str(high), "--a=10", "--b=40", "--alphas=0.5", f"--out_dir={tmp_path}"])
     curve = {r["alpha"]: r["loss"] for r in records(tmp_path / "lmc_10_40.jsonl", "lmc")}
     assert sorted(curve) == [0.0, 0.5, 1.0]  # the endpoints are always evaluated
-    snaps = lawa_cli.open_source(high).paths
+    snaps = open_checkpoints(high).paths
     assert curve[1.0] == loss_of(high, load_weights(snaps[10]))
     assert curve[0.0] == loss_of(high, load_weights(snaps[40]))
-    assert curve[0.5] == pytest.approx(loss_of(high, reference_average([snaps[10], snaps[40]])), abs=1e-6)
+    assert curve[0.5] == pytest.approx(loss_of(high, float64_average([snaps[10], snaps[40]])), abs=1e-6)
     (barrier,) = records(tmp_path / "lmc_10_40.jsonl", "lmc_barrier")
     assert barrier["height"] == pytest.approx(max(0.0, curve[0.5] - (curve[0.0] + curve[1.0]) / 2))
 
 
 def test_lmc_of_a_checkpoint_with_itself_is_flat(runs, tmp_path):
     high, _ = runs
-    file = lawa_cli.open_source(high).paths[20]
+    file = open_checkpoints(high).paths[20]
     main(["lmc", str(high), f"--a={file}", "--b=20", f"--out_dir={tmp_path}"])
     curve = [r["loss"] for r in records(tmp_path / "lmc_step_00000020_20.jsonl", "lmc")]
     assert len(curve) == 6 and len(set(curve)) == 1
@@ -142,7 +143,7 @@ def test_interpolation_is_exact_at_the_ends_and_the_barrier_is_measured_from_the
     assert torch.allclose(interpolate(a, b, 0.25)["w"], 0.25 * a["w"] + 0.75 * b["w"])
     assert loss_barrier({0.0: 1.0, 0.5: 2.0, 1.0: 3.0}) == (0.0, 0.0)  # on the line
     assert loss_barrier({0.0: 3.0, 0.5: 2.5, 1.0: 1.0}) == (0.5, 0.5)  # 2.5 above the line's 2.0
-    with pytest.raises(AnalysisError, match="alpha = 0 and alpha = 1"):
+    with pytest.raises(InputError, match="alpha = 0 and alpha = 1"):
         loss_barrier({0.0: 1.0, 0.5: 2.0})
 
 
@@ -216,7 +217,7 @@ def test_each_raw_spike_says_whether_lawa_spikes_there():
 
 @pytest.mark.parametrize("text", ["abc", "-1", "0%"])
 def test_a_bad_threshold_names_the_flag(text):
-    with pytest.raises(AnalysisError, match=f"--threshold={text}"):
+    with pytest.raises(InputError, match=f"--threshold={text}"):
         Threshold.parse(text)
 
 
@@ -242,7 +243,7 @@ def test_the_restart_step_is_the_latest_before_the_spike_with_optimizer_state_an
     snapshots = range(0, 100, 5)
     assert restart_step(60, [10, 20, 30, 40, 50, 60], snapshots, k=3, nu=10) == 50
     assert restart_step(60, [10, 20, 30, 40, 50], [s for s in snapshots if s != 30], k=3, nu=10) == 20
-    with pytest.raises(AnalysisError, match="before the spike at 15 .* k=3 nu=10.*--at"):
+    with pytest.raises(InputError, match="before the spike at 15 .* k=3 nu=10.*--at"):
         restart_step(15, [10, 20], snapshots, k=3, nu=10)
 
 

@@ -11,7 +11,14 @@ from hf_models import direct_nll, reference_average, save_revision, tiny_neox
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ewa.files import Weights, save_snapshot
-from ewa.tools.hf import export, load_into, read_held_out, save_hf_average, score, zero_shot_table
+from ewa.tools.hf import (
+    copy_into_hf_model,
+    export,
+    held_out_perplexity,
+    read_held_out,
+    save_hf_average,
+    zero_shot_table,
+)
 from ewa.tools.merge import tensorwise_mean
 from ewa.tools.tokenizer import GPT2Tokenizer
 from export_hf import main as export_main
@@ -186,7 +193,7 @@ def test_in_memory_average_is_the_saved_one(revisions, tmp_path):
     members = [Weights(revisions / f"step{s}", hf_names=True) for s in (2000, 3000, 4000)]
     saved = save_hf_average(tmp_path / "step4000", tensorwise_mean(members), members[-1].path, {})
     model = AutoModelForCausalLM.from_pretrained(revisions / "step1000")
-    load_into(model, tensorwise_mean(members), "LAWA at step 4000")
+    copy_into_hf_model(model, tensorwise_mean(members), "LAWA at step 4000")
     want = AutoModelForCausalLM.from_pretrained(saved).state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
 
@@ -201,7 +208,7 @@ def test_perplexity_equals_a_direct_computation(revisions, tokenizer, corpus, tm
     model = AutoModelForCausalLM.from_pretrained(revisions / "step3000")
     data = read_held_out(tmp_path / "held.txt", tokenizer, budget=10**6)
     assert data.tokens.tolist() == ids and data.words == len(text.split())
-    got = score(model, data, seq_len=64, batch_size=3)  # batches of 3, 3, 2 full windows and a short one
+    got = held_out_perplexity(model, data, seq_len=64, batch_size=3)  # batches of 3, 3, 2 full windows and a short one
     want = direct_nll(model, ids, 64)
     assert got["tokens"] == len(ids) - 1 and math.isclose(got["nll"], want, rel_tol=1e-6)
     assert math.isclose(got["token_perplexity"], math.exp(want / (len(ids) - 1)), rel_tol=1e-6)

@@ -4,6 +4,7 @@ requirements is met: a missing or too-old dependency fails here at once, not dee
 
 import ast
 import importlib
+import importlib.util
 import pkgutil
 from importlib.metadata import version
 
@@ -30,6 +31,48 @@ def test_every_module_and_every_import_in_it_resolves():
                 for alias in node.names:
                     assert hasattr(imported, alias.name) or importlib.import_module(f"{node.module}.{alias.name}"), (
                         f"{name}: from {node.module} import {alias.name}")
+
+
+def project_imports(module: str) -> set[str]:
+    """The project's modules (ewa.*, model) that ``module`` imports anywhere in its file."""
+    found = set()
+    for node in ast.walk(ast.parse(open(importlib.import_module(module).__file__).read())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n == "model" or (n.startswith("ewa.") and is_module(n))}
+    return found - {"ewa.engine", "ewa.tools"}
+
+
+def is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a name inside a module, e.g. ewa.files.Weights
+        return False
+
+
+def test_layers_point_one_way_and_no_module_imports_itself_back():
+    """files/window import nothing of the project; model only files; the engine never a tool."""
+    modules = [m.name for m in pkgutil.walk_packages(ewa.__path__, "ewa.") if not m.ispkg] + ["model"]
+    graph = {m: project_imports(m) for m in modules}
+    for m, deps in graph.items():
+        if m in ("ewa.files", "ewa.window"):
+            assert not deps, (m, deps)
+        elif m == "model":
+            assert deps <= {"ewa.files"}, deps
+        elif m.startswith("ewa.engine."):
+            assert not any(d.startswith("ewa.tools") for d in deps), (m, deps)
+    done: set[str] = set()
+
+    def visit(m: str, path: tuple[str, ...]) -> None:
+        assert m not in path, f"import cycle: {' -> '.join((*path, m))}"
+        if m not in done:
+            for d in graph.get(m, ()):
+                visit(d, (*path, m))
+            done.add(m)
+
+    for m in modules:
+        visit(m, ())
 
 
 def test_installed_versions_meet_the_pins():

@@ -12,9 +12,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ewa.engine.logger import read_metrics
 from ewa.engine.trainer import run as train
 from ewa.files import CheckpointError, load_weights, snapshot_name
-from ewa.tools.lawa import parse_args
-from ewa.tools.lawa import run as run_lawa
+from ewa.tools.cli import EvalOptions, WindowSettings
+from ewa.tools.lawa import evaluate_run
 from ewa.tools.merge import Merger
+from lawa import main as lawa_main
 from model import GPT
 
 
@@ -45,9 +46,8 @@ def _save(hf, path: Path) -> Path:
 @pytest.mark.parametrize("fmt", ["nanogpt", "hf"])
 def test_foreign_checkpoint_folders(tmp_path, data_dir, fmt, capsys):
     weights = write_gpt_checkpoints(tmp_path / "ckpts", fmt, [100, 200, 300, 400])
-    args = parse_args([str(tmp_path / "ckpts"), "--k=2", "--nu=100", "--interval=100", f"--data_dir={data_dir}",
-                       "--eval_tokens=1024", "--device=cpu", "--dtype=float32", f"--save_dir={tmp_path / 'avg'}"])
-    results = run_lawa(args)
+    results = lawa_main([str(tmp_path / "ckpts"), "--k=2", "--nu=100", "--interval=100", f"--data_dir={data_dir}",
+                         "--eval_tokens=1024", "--device=cpu", "--dtype=float32", f"--save_dir={tmp_path / 'avg'}"])
     assert [r["step"] for r in results] == [200, 300, 400]
     saved = load_weights(tmp_path / "avg" / snapshot_name(300))
     for name, value in saved.items():
@@ -59,21 +59,23 @@ def test_foreign_checkpoint_folders(tmp_path, data_dir, fmt, capsys):
 
 def test_bad_folders_give_errors_naming_the_file(tmp_path, data_dir):
     paths = random_checkpoints(tmp_path / "ckpts", [0, 10, 20, 30])
-    opts = ["--k=2", "--nu=10", "--interval=10", f"--data_dir={data_dir}", "--device=cpu"]
+    window, options = WindowSettings(k=2, nu=10, interval=10), EvalOptions(data_dir=str(data_dir), device="cpu")
     # no model shape recorded and no config given
     with pytest.raises(CheckpointError, match="records no model shape; pass --config"):
-        run_lawa(parse_args([str(tmp_path / "ckpts"), *opts]))
+        evaluate_run(tmp_path / "ckpts", window, options)
+    with pytest.raises(SystemExit, match="records no model shape; pass --config"):  # the script's message
+        lawa_main([str(tmp_path / "ckpts"), "--k=2", "--nu=10", f"--data_dir={data_dir}", "--device=cpu"])
     with pytest.raises(CheckpointError, match=r"every LAWA window lacks checkpoints \(the one at step 20 lacks steps \[5\]\)"):
-        run_lawa(parse_args([str(tmp_path / "ckpts"), "--k=2", "--nu=15", "--interval=10", "--start=20", f"--data_dir={data_dir}",
-                             "--device=cpu", "--config=configs/tiny.py"]))
+        evaluate_run(tmp_path / "ckpts", WindowSettings(k=2, nu=15, interval=10, start=20),
+                     EvalOptions(data_dir=str(data_dir), device="cpu", config="configs/tiny.py"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="empty: no checkpoints found"):
-        run_lawa(parse_args([str(tmp_path / "empty"), *opts]))
+        evaluate_run(tmp_path / "empty", window, options)
     run_dir = tmp_path / "run"  # a run directory: --kind names a folder of its snapshots
     (run_dir / "snapshots" / "ema_0.99").mkdir(parents=True)
     (run_dir / "config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match=r"snapshots/raw: no such snapshots; pick --kind among ema_0\.99"):
-        run_lawa(parse_args([str(run_dir), *opts]))
+    with pytest.raises(CheckpointError, match=r"snapshots/raw: no snapshots; pick --kind among ema_0\.99"):
+        evaluate_run(run_dir, window, options)
     data = paths[20].read_bytes()
     paths[20].write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="step_00000020.safetensors: not a readable safetensors file"):
@@ -94,7 +96,7 @@ def online_run(tmp_path_factory, data_dir) -> Path:
 def test_online_lawa_equals_offline(online_run):
     online = {r["step"]: r for r in read_metrics(online_run / "metrics.jsonl") if r["kind"] == "eval" and "lawa" in r}
     assert sorted(online) == [20, 30, 40]
-    offline = {r["step"]: r for r in run_lawa(parse_args([str(online_run), "--interval=10"]))}
+    offline = {r["step"]: r for r in lawa_main([str(online_run), "--interval=10"])}
     assert sorted(offline) == [20, 30, 40]
     for step in online:
         assert offline[step]["lawa"] == pytest.approx(online[step]["lawa"], abs=1e-6)
@@ -132,12 +134,12 @@ def test_online_weighted_lawa_equals_offline(tmp_path, data_dir, weights):
     train(cfg)
     online = {r["step"]: r["lawa"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lawa" in r}
     flags = [str(tmp_path / "run"), "--interval=10", f"--weights={weights}"]
-    offline = {r["step"]: r["lawa"] for r in run_lawa(parse_args(flags))}
+    offline = {r["step"]: r["lawa"] for r in lawa_main(flags)}
     assert sorted(online) == sorted(offline) == [20, 30, 40]
     # the same float64 merge in the same order (newest first), scored by the same evaluator: the same figure
     assert offline == online
     name = "lawa_k3_nu10_" + weights.replace(":", "")
     records = read_metrics(tmp_path / "run" / f"{name}.jsonl")
     assert {r["weights"] for r in records} == {weights}
-    uniform = {r["step"]: r["lawa"] for r in run_lawa(parse_args([str(tmp_path / "run"), "--interval=10", "--weights=uniform"]))}
+    uniform = {r["step"]: r["lawa"] for r in lawa_main([str(tmp_path / "run"), "--interval=10", "--weights=uniform"])}
     assert all(abs(uniform[s] - offline[s]) > 1e-4 for s in offline)  # the weights change the merge

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, random_checkpoints
-from hf_models import tiny_neox
+from hf_models import float64_average, tiny_neox
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -20,7 +20,6 @@ from ewa.tools.merge import (
     WindowPlan,
     plan_strategies,
     plan_windows,
-    reference_average,
     stream_averages,
     streaming_order,
 )
@@ -90,7 +89,7 @@ def test_streaming_equals_the_reference_and_reads_each_file_at_most_twice(tmp_pa
     merger = Merger(paths, memory_budget=budget)
     seen = 0
     for window, average, raw in stream_averages(windows, merger):
-        ref = reference_average([paths[s] for s in window.members])
+        ref = float64_average([paths[s] for s in window.members])
         assert max((average[n] - ref[n]).abs().max().item() for n in ref) <= 1e-6
         assert all(torch.equal(raw[n], load_weights(paths[window.step])[n]) for n in raw)
         seen += 1

@@ -4,14 +4,14 @@ from pathlib import Path
 from conftest import tiny_config, write_config_file
 
 from ewa.engine.logger import read_metrics
-from ewa.tools.pipeline import parse_args, run_pipeline
+from reproduce import main as reproduce
 
 
 def test_pipeline_end_to_end_then_reuses_finished_stages(tmp_path, data_dir, capsys):
     config = write_config_file(tmp_path / "cfg.py", tiny_config(tmp_path / "unused", data_dir, max_steps=40))
     argv = [f"--config={config}", f"--out={tmp_path / 'paper'}", f"--assets={tmp_path / 'assets'}", "--lawa=3x10,2x20",
             "--cooldown_at=0.5", "--lr_compare", "--wsd", "--wsd_at=0.5"]
-    text = run_pipeline(parse_args(argv))
+    text = reproduce(argv)
     run = tmp_path / "paper" / "run"
     for path in [run / "report.md", run / "lawa_k3_nu10.jsonl", run / "lawa_k2_nu20.jsonl", run / "ema_swa.png",
                  run / "lawa.png", run / "lr_compare.png", tmp_path / "assets" / "lawa.png", tmp_path / "assets" / "ema_swa.png",
@@ -33,7 +33,7 @@ def test_pipeline_end_to_end_then_reuses_finished_stages(tmp_path, data_dir, cap
                            "original-lr0.1x", "run-lr0.1x/lawa_k3_nu10",
                            "wsd", "wsd/lawa_k3_nu10", "wsd/lawa_k3_nu10_1-sqrt", "wsd-cooldown-20"}
     capsys.readouterr()
-    assert run_pipeline(parse_args(argv)) == text  # a re-run reuses every stage
+    assert reproduce(argv) == text  # a re-run reuses every stage
     out = capsys.readouterr().out
     assert out.count("reusing") == 11 and "eval step" not in out
 

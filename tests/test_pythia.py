@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ewa.files import CheckpointError
 from ewa.tools.hf import read_held_out
 from ewa.tools.merge import WindowPlan
-from ewa.tools.pythia import check_members, gpu_hours_per_step, main, open_source, saving
+from ewa.tools.pythia import gpu_hours_per_step, open_checked, open_revisions, saving
+from pythia_lawa import main
 
 WINDOW = ["--k", "3", "--nu", "1000", "--interval", "1000", "--start", "3000"]  # windows at 3000..6000
 
@@ -65,7 +66,7 @@ def test_mismatched_or_corrupt_member_is_named(revisions, tmp_path, tokenizer):
     layout = layout_without(revisions, tmp_path, 4000)
     save_revision(layout / "step4000", tiny_neox(len(tokenizer), seed=4000, hidden=48), tokenizer)
     with pytest.raises(CheckpointError, match=r"step4000: does not match .*step1000.*one architecture"):
-        check_members(open_source(str(layout), WindowPlan(k=3, nu=1000, interval=1000, start=3000)))
+        open_checked(str(layout), WindowPlan(k=3, nu=1000, interval=1000, start=3000))
     weights = layout / "step4000" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(SystemExit, match=f"{weights}"):
@@ -145,8 +146,8 @@ def fake_hub_cache(cache: Path, repo: str, revisions: Path, steps: list[int]) ->
 def test_hub_revisions_come_from_the_offline_cache(revisions, tmp_path, capsys):
     fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-neox", revisions, [1000, 2000, 4000])
     plan = WindowPlan(k=2, nu=1000, interval=1000, start=2000, end=4000)
-    source = open_source("tiny-org/tiny-neox", plan, cache_dir=str(tmp_path / "hub"))
-    assert sorted(source.paths) == [1000, 2000, 4000] and [w.step for w in source.complete] == [2000]
+    source = open_revisions("tiny-org/tiny-neox", plan, cache_dir=str(tmp_path / "hub"))
+    assert sorted(source.paths) == [1000, 2000, 4000] and [w.step for w in source.complete_windows] == [2000]
     assert "not in the local Hugging Face cache" in source.unavailable[3000]
     main(["download", "tiny-org/tiny-neox", "--k", "2", "--nu", "1000", "--interval", "1000", "--start", "2000",
           "--end", "4000", "--cache_dir", str(tmp_path / "hub")])

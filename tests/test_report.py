@@ -7,16 +7,16 @@ import pytest
 from ewa.engine.config import TrainConfig
 from ewa.tools.report import (
     ema_age,
-    first_step_reaching,
     gains_at_fractions,
     horizon_matched_decay,
+    interpolated_step_reaching,
     load_run,
-    main,
     mean_age,
     steps_saved,
     write_report,
 )
 from ewa.window import merge_weights
+from report import main
 
 ORIGINAL = {0: 5.0, 20: 2.6, 40: 2.4, 60: 2.2, 80: 2.1, 100: 2.0}
 EMA = {0: 5.0, 20: 2.55, 40: 2.36, 60: 2.18, 80: 2.08, 100: 1.99}
@@ -51,8 +51,8 @@ def fake_run(root: Path) -> Path:
 
 
 def test_figures():
-    assert first_step_reaching(LAWA, 2.0) == pytest.approx(70.0)  # between 2.1 at 60 and 1.9 at 80
-    assert first_step_reaching(LAWA, 3.0) == 20.0 and first_step_reaching(LAWA, 1.0) is None
+    assert interpolated_step_reaching(LAWA, 2.0) == pytest.approx(70.0)  # between 2.1 at 60 and 1.9 at 80
+    assert interpolated_step_reaching(LAWA, 3.0) == 20.0 and interpolated_step_reaching(LAWA, 1.0) is None
     assert steps_saved(ORIGINAL, LAWA) == {"target": 2.0, "final_step": 100, "lawa_step": pytest.approx(70.0), "saved": pytest.approx(30.0)}
     rows = gains_at_fractions(ORIGINAL, LAWA, 100)
     assert [r["step"] for r in rows] == [20, 60, 80, 100]  # nearest eval steps to 25/50/75/100 (ties go up)

@@ -138,7 +138,7 @@ def test_a_branch_starts_from_the_average_it_asked_for(tmp_path, data_dir, weigh
 def test_a_branch_keeps_the_originals_lr_schedule():
     """A branch cools down only where the original did (or where a cooldown branch asks to)."""
     from ewa.engine.schedule import lr_at
-    from ewa.tools.pipeline import branch_config, cooldown_config
+    from ewa.tools.stages import branch_config, cooldown_config
 
     original = TrainConfig(max_steps=100, warmup_steps=5, cooldown_steps=10, eval_interval=10)
     run_dir = Path("out/orig")

@@ -13,12 +13,11 @@ import types
 import pytest
 from conftest import ROOT, tiny_config, write_config_file
 
+from analyze import main as analyze
 from ewa.engine.logger import WANDB_ID_FILE
 from ewa.engine.trainer import run as train
 from ewa.files import list_checkpoints
-from ewa.tools.analyze import main as analyze
-from ewa.tools.lawa import parse_args
-from ewa.tools.lawa import run as run_lawa
+from lawa import main as lawa_main
 
 
 class FakeRun:
@@ -71,7 +70,7 @@ def test_a_resumed_run_keeps_its_wandb_run(tmp_path, data_dir, wandb_calls):
 def test_lawa_and_analyze_log_into_the_training_run_on_axes_of_their_own(tmp_path, data_dir, wandb_calls):
     train(tiny_config(tmp_path / "run", data_dir, wandb_log=True))
     run_id = inits(wandb_calls)[0]["id"]
-    results = run_lawa(parse_args([str(tmp_path / "run"), "--interval=10", "--wandb_log"]))
+    results = lawa_main([str(tmp_path / "run"), "--interval=10", "--wandb_log"])
     joined = inits(wandb_calls)[1]
     assert (joined["id"], joined["resume"], joined["config"], joined["dir"]) == (run_id, "allow", None, str(tmp_path / "run"))
     defined = [c[2:] for c in wandb_calls if c[0] == "define_metric"]
@@ -105,7 +104,7 @@ def test_a_killed_run_resumes_into_the_same_offline_wandb_run(tmp_path, data_dir
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     train(cfg.replace(init_from="resume"))
-    run_lawa(parse_args([str(tmp_path / "run"), "--interval=50", "--wandb_log"]))
+    lawa_main([str(tmp_path / "run"), "--interval=50", "--wandb_log"])
     run_id = (tmp_path / "run" / WANDB_ID_FILE).read_text().strip()
     offline = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
     # killed, resumed, lawa.py; wandb adds "-1" to a directory started in the same second as another

@@ -48,11 +48,6 @@ def wrap(model: nn.Module, parallel: str, compile: bool, rt: Runtime) -> tuple[n
         policy = (
             MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
         )
-        if compile:
-            # the blocks share one forward, which compiles a graph per block (per-layer attention
-            # scales) and per shape: the training batch, the evaluation batch, a shorter last one
-            limit = torch._dynamo.config.recompile_limit
-            torch._dynamo.config.recompile_limit = max(limit, 3 * len(model.transformer.h))
         for block in model.transformer.h:
             fully_shard(block, mp_policy=policy)
             if compile:

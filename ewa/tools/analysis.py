@@ -1,4 +1,4 @@
-"""The paper's analyses of a run's checkpoints, as functions (``analyze.py`` is their CLI).
+"""The paper's analyses of a run's checkpoints, as functions (``ewa.tools.analyze`` runs them for ``analyze.py``).
 
 - ablation (appendix A.1): LAWA val loss over a grid of (k, nu) at each evaluation step; every
   (k, nu) streams its windows through lawa.py's sliding float64 sum, and the raw model is
@@ -30,17 +30,13 @@ import torch
 
 from ewa.engine.evaluate import Evaluator
 from ewa.files import Weights, check_compatible, list_checkpoints, load_weights, snapshot_kinds
-from ewa.tools.merge import Merger, Model, plan_windows, stream_averages, streaming_order
+from ewa.tools.cli import InputError
+from ewa.tools.merge import Merger, Model, Tensors, plan_windows, stream_averages, streaming_order
+from ewa.tools.report import Curve
 from ewa.window import Window, window_members
 from model import GPT
 
-Tensors = dict[str, torch.Tensor]
-Series = dict[int, float]  # step -> val loss
 Tick = Callable[[], None]  # advances a progress bar by one model evaluation
-
-
-class AnalysisError(ValueError):
-    """An analysis that cannot run on the input given; the message names the input and the fix."""
 
 
 def snapshot_spacing(steps: Iterable[int]) -> int:
@@ -48,17 +44,14 @@ def snapshot_spacing(steps: Iterable[int]) -> int:
     steps = sorted(steps)
     gaps = [b - a for a, b in itertools.pairwise(steps)]
     if not gaps:
-        raise AnalysisError(f"need at least two checkpoints, found {len(steps)}")
+        raise InputError(f"need at least two checkpoints, found {len(steps)}")
     return min(gaps)
 
 
-def score(model: GPT, evaluator: Evaluator, weights: Tensors) -> float:
+def val_loss(model: GPT, evaluator: Evaluator, weights: Tensors) -> float:
+    """The val loss of ``model`` holding ``weights``."""
     model.load_weights(weights)
     return evaluator.loss(model)
-
-
-# ---------------------------------------------------------------------------------------------
-# ablation over k and nu
 
 
 @dataclass
@@ -66,63 +59,56 @@ class AblationPlan:
     steps: list[int]  # the evaluation steps that have a raw checkpoint
     windows: dict[tuple[int, int], list[Window]]  # (k, nu) -> its windows on those steps
 
-    def complete(self, setting: tuple[int, int]) -> list[Window]:
+    def complete_windows(self, setting: tuple[int, int]) -> list[Window]:
         return [w for w in self.windows[setting] if w.complete]
 
     @property
     def evaluations(self) -> int:
-        return len(self.steps) + sum(len(self.complete(s)) for s in self.windows)
+        return len(self.steps) + sum(len(self.complete_windows(s)) for s in self.windows)
 
 
 @dataclass
 class Ablation:
-    raw: Series
-    lawa: dict[tuple[int, int], Series]  # (k, nu) -> LAWA val loss by step
+    raw: Curve
+    lawa: dict[tuple[int, int], Curve]  # (k, nu) -> LAWA val loss by step
     files_read: int  # checkpoint files opened for all the averages together
 
 
-def plan_ablation(
-    paths: dict[int, Path], settings: list[tuple[int, int]], interval: int, start: int, end: int
-) -> AblationPlan:
+def plan_ablation(paths: dict[int, Path], settings: list[tuple[int, int]], interval: int, start: int,
+                  end: int) -> AblationPlan:
     """The raw model at start, start + interval, ... <= end, and every (k, nu)'s windows there."""
     steps = [s for s in range(start, end + 1, interval) if s in paths]
     windows = {s: plan_windows(list(paths), interval, *s, start=start, end=end) for s in settings}
     plan = AblationPlan(steps, windows)
-    empty = [f"k={k} nu={nu}" for k, nu in settings if not plan.complete((k, nu))]
+    empty = [f"k={k} nu={nu}" for k, nu in settings if not plan.complete_windows((k, nu))]
     if empty:
         spacing = snapshot_spacing(paths)
-        raise AnalysisError(
-            f"no complete LAWA window for {', '.join(empty)} between steps {start} and {end}: the checkpoints "
-            f"are {spacing} steps apart, so --nu must be a multiple of {spacing}, --interval a multiple of "
-            f"{spacing} and (k-1)*nu at most the last step, {end}"
-        )
+        raise InputError(f"no complete LAWA window for {', '.join(empty)} between steps {start} and {end}: the "
+                         f"checkpoints are {spacing} steps apart, so --nu must be a multiple of {spacing}, --interval "
+                         f"a multiple of {spacing} and (k-1)*nu at most the last step, {end}")
     return plan
 
 
-def run_ablation(
-    paths: dict[int, Path], plan: AblationPlan, model: GPT, evaluator: Evaluator, tick: Tick = lambda: None
-) -> Ablation:
+def run_ablation(paths: dict[int, Path], plan: AblationPlan, model: GPT, evaluator: Evaluator,
+                 tick: Tick = lambda: None) -> Ablation:
     """Raw loss once per step, then each (k, nu)'s windows in streaming order, so that one
     float64 sum slides through them (each checkpoint read about twice per (k, nu))."""
-    Merger(paths).check(step for s in plan.windows for w in plan.complete(s) for step in w.members)
+    Merger(paths).check(step for s in plan.windows for w in plan.complete_windows(s) for step in w.members)
     raw = {}
     for step in plan.steps:
-        raw[step] = score(model, evaluator, load_weights(paths[step]))
+        raw[step] = val_loss(model, evaluator, load_weights(paths[step]))
         tick()
     result = Ablation(raw, {}, 0)
     for k, nu in plan.windows:
         merger = Merger(paths, evaluator.runtime.device)
         curve = {}
-        for window, average, _ in stream_averages(streaming_order(plan.complete((k, nu)), nu), merger, with_raw=False):
-            curve[window.step] = score(model, evaluator, average)
+        windows = streaming_order(plan.complete_windows((k, nu)), nu)
+        for window, average, _ in stream_averages(windows, merger, with_raw=False):
+            curve[window.step] = val_loss(model, evaluator, average)
             tick()
         result.lawa[k, nu] = dict(sorted(curve.items()))
         result.files_read += merger.stats.files_opened
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# linear mode connectivity
 
 
 def interpolate(a: Tensors, b: Tensors, alpha: float) -> Tensors:
@@ -136,13 +122,12 @@ def load_pair(path_a: Path, path_b: Path) -> tuple[Tensors, Tensors]:
     return load_weights(path_a), load_weights(path_b)
 
 
-def interpolation_curve(
-    a: Tensors, b: Tensors, alphas: list[float], model: GPT, evaluator: Evaluator, tick: Tick = lambda: None
-) -> dict[float, float]:
+def interpolation_curve(a: Tensors, b: Tensors, alphas: list[float], model: GPT, evaluator: Evaluator,
+                        tick: Tick = lambda: None) -> dict[float, float]:
     """Val loss of the interpolated model at each alpha."""
     curve = {}
     for alpha in alphas:
-        curve[alpha] = score(model, evaluator, interpolate(a, b, alpha))
+        curve[alpha] = val_loss(model, evaluator, interpolate(a, b, alpha))
         tick()
     return curve
 
@@ -152,14 +137,10 @@ def loss_barrier(curve: dict[float, float]) -> tuple[float, float]:
     alpha * loss(1) + (1 - alpha) * loss(0) between the endpoints' losses. Never negative,
     since the endpoints lie on the line; 0 means linearly mode connected on this grid."""
     if 0.0 not in curve or 1.0 not in curve:
-        raise AnalysisError("the barrier needs the losses at alpha = 0 and alpha = 1")
+        raise InputError("the barrier needs the losses at alpha = 0 and alpha = 1")
     excess = {alpha: loss - (alpha * curve[1.0] + (1 - alpha) * curve[0.0]) for alpha, loss in curve.items()}
     alpha = max(excess, key=excess.get)
     return excess[alpha], alpha
-
-
-# ---------------------------------------------------------------------------------------------
-# diversity
 
 
 @torch.no_grad()
@@ -187,9 +168,10 @@ def plan_pairs(available: Iterable[int], anchors: list[int], distances: list[int
     return [(t, t + d) for t in anchors for d in distances if t in have and t + d in have]
 
 
-def steps_at_fractions(steps: list[int], fractions: Iterable[float]) -> list[int]:
-    """The steps nearest each fraction of the last one."""
-    last = max(steps)
+def steps_at_fractions(steps: Iterable[int], fractions: Iterable[float], last: int | None = None) -> list[int]:
+    """The steps nearest each fraction of ``last`` (default: the last step)."""
+    steps = list(steps)
+    last = max(steps) if last is None else last
     return sorted({min(steps, key=lambda s: abs(s - last * f)) for f in fractions})
 
 
@@ -231,15 +213,9 @@ def run_diversity(runs: list[DiversityRun], pairs: list[tuple[int, int]], tick: 
             tick()
         for a, b in pairs:
             if a in preds and b in preds:
-                rate = disagreement(preds[a], preds[b])
-                records.append(
-                    {"kind": "diversity", "run": run.label, "a": a, "b": b, "distance": b - a, "disagreement": rate}
-                )
+                records.append({"kind": "diversity", "run": run.label, "a": a, "b": b, "distance": b - a,
+                                "disagreement": disagreement(preds[a], preds[b])})
     return records
-
-
-# ---------------------------------------------------------------------------------------------
-# loss spikes
 
 
 @dataclass(frozen=True)
@@ -257,9 +233,9 @@ class Threshold:
         try:
             amount = float(text.strip().rstrip("%")) / (100 if relative else 1)
         except ValueError:
-            raise AnalysisError(f"--threshold={text}: expected a loss difference (0.05) or a percentage (2%)") from None
+            raise InputError(f"--threshold={text}: expected a loss difference (0.05) or a percentage (2%)") from None
         if not amount > 0:
-            raise AnalysisError(f"--threshold={text}: must be positive")
+            raise InputError(f"--threshold={text}: must be positive")
         return cls(amount, relative)
 
     def exceeded(self, value: float, trend: float) -> bool:
@@ -270,10 +246,10 @@ class Threshold:
         return f"{100 * self.amount:g}%" if self.relative else f"{self.amount:g}"
 
 
-def trend(series: Series, window: int) -> dict[int, float]:
+def trend(series: Curve, window: int) -> dict[int, float]:
     """At each step, the median of up to ``window`` previous finite values (none at the first)."""
     if window < 1:
-        raise AnalysisError(f"--window={window}: must be at least 1")
+        raise InputError(f"--window={window}: must be at least 1")
     steps, out = sorted(series), {}
     for i, step in enumerate(steps):
         previous = [series[s] for s in steps[max(0, i - window) : i] if math.isfinite(series[s])]
@@ -282,12 +258,12 @@ def trend(series: Series, window: int) -> dict[int, float]:
     return out
 
 
-def find_spikes(series: Series, window: int, threshold: Threshold) -> dict[int, float]:
+def find_spikes(series: Curve, window: int, threshold: Threshold) -> dict[int, float]:
     """Steps where the loss exceeds its trend by more than ``threshold``, with the trend there."""
     return {s: t for s, t in trend(series, window).items() if threshold.exceeded(series[s], t)}
 
 
-def compare_spikes(raw: Series, lawa: Series, window: int, threshold: Threshold) -> list[dict]:
+def compare_spikes(raw: Curve, lawa: Curve, window: int, threshold: Threshold) -> list[dict]:
     """For each spike of the raw curve: the LAWA loss there, LAWA's own trend, and whether
     LAWA spikes too (None where LAWA has no value at that step or no trend yet)."""
     lawa_trend = trend(lawa, window)
@@ -295,17 +271,8 @@ def compare_spikes(raw: Series, lawa: Series, window: int, threshold: Threshold)
     for step, raw_trend in find_spikes(raw, window, threshold).items():
         value, own = lawa.get(step), lawa_trend.get(step)
         spiked = None if value is None or own is None else threshold.exceeded(value, own)
-        rows.append(
-            {
-                "kind": "spike",
-                "step": step,
-                "raw": raw[step],
-                "raw_trend": raw_trend,
-                "lawa": value,
-                "lawa_trend": own,
-                "lawa_spiked": spiked,
-            }
-        )
+        rows.append({"kind": "spike", "step": step, "raw": raw[step], "raw_trend": raw_trend, "lawa": value,
+                     "lawa_trend": own, "lawa_spiked": spiked})
     return rows
 
 
@@ -315,21 +282,16 @@ def restart_step(spike: int, resume_steps: Iterable[int], snapshot_steps: Iterab
     snapshots = set(snapshot_steps)
     candidates = [t for t in resume_steps if t < spike and set(window_members(t, k, nu)) <= snapshots]
     if not candidates:
-        raise AnalysisError(
-            f"no step before the spike at {spike} has both a resume checkpoint and the raw snapshots of a LAWA window "
-            f"k={k} nu={nu}: train with resume_interval and ckpt_interval that divide nu (and keep_resume=0), or pass --at"
-        )
+        raise InputError(f"no step before the spike at {spike} has both a resume checkpoint and the raw snapshots of a "
+                         f"LAWA window k={k} nu={nu}: train with resume_interval and ckpt_interval that divide nu "
+                         "(and keep_resume=0), or pass --at")
     return max(candidates)
 
 
-def spikes_after(before: Series, after: Series, start: int, window: int, threshold: Threshold) -> list[int]:
+def spikes_after(before: Curve, after: Curve, start: int, window: int, threshold: Threshold) -> list[int]:
     """The steps past ``start`` where the curve ``after`` spikes, its trend seeded by ``before``."""
     joined = {**{s: v for s, v in before.items() if s <= start}, **after}
     return [s for s in find_spikes(joined, window, threshold) if s > start]
-
-
-# ---------------------------------------------------------------------------------------------
-# zero-shot
 
 
 def averaged_snapshots(run_dir: Path | None) -> dict[str, dict[int, Path]]:

@@ -1,7 +1,8 @@
 """The one bridge to Hugging Face, for our runs and for Pythia alike:
 
+- our data's tokenizers (``bytes``, ``gpt2``) as Hugging Face tokenizers, built offline;
 - our GPT as a transformers ``GPT2LMHeadModel``: in memory (for lm-eval) or exported with its
-  tokenizer as a ``save_pretrained`` directory (``export_hf.py``);
+  tokenizer as a ``save_pretrained`` directory (``export_hf.py``, ``export_run``);
 - Hugging Face directories: loading models, copying checkpoint tensors into a loaded model,
   writing averages;
 - the two evaluations that run on any Hugging Face model: perplexity on held-out text, and
@@ -26,16 +27,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ewa.engine.data import data_meta
 from ewa.files import (
     HF_GPT2_TRANSPOSED,
     SHARD_BYTES,
     CheckpointError,
     Weights,
     atomic_dir,
+    is_run_dir,
     model_config_of,
+    run_snapshots,
     save_safetensors,
 )
+from ewa.tools.cli import InputError
+
 from ewa.tools.merge import Evaluation, TensorStream
+from ewa.tools.report import markdown_table
 from ewa.tools.tokenizer import local_gpt2_files
 from model import GPTConfig
 
@@ -50,14 +57,6 @@ PRIMARY_METRICS = ("acc", "word_perplexity", "exact_match", "perplexity")
 PERCENT_METRICS = ("acc", "acc_norm", "exact_match")
 BOOTSTRAP_ITERS = 1000  # lm-eval's stderr of acc is closed-form; this only bounds the bootstrapped ones
 KIND_COLUMNS = {"lawa": "LAWA", "swa": "SWA", "ema": "EMA", "original": "Original", "raw": "Original"}
-
-
-class InputError(Exception):
-    """A file or flag that cannot be used; the message names it and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenizers, built offline
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -113,30 +112,17 @@ def prefix_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
 
 
-# ---------------------------------------------------------------------------------------------
-# our GPT as GPT-2
-
-
 def gpt2_config(config: GPTConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
     """The ``GPT2Config`` computing what ``model.GPT`` computes, with the tokenizer's vocabulary."""
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=config.block_size,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
+        vocab_size=len(tokenizer), n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
+        n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
         activation_function="gelu_new",  # model.GPT's GELU(approximate="tanh")
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
         layer_norm_epsilon=1e-5,  # nn.LayerNorm's
-        scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -154,23 +140,21 @@ def gpt2_tensors(tensors: TensorStream, config: GPTConfig, vocab_size: int) -> I
             yield name.removesuffix("weight") + "bias", torch.zeros(t.shape[0], dtype=t.dtype, device=t.device)
 
 
-def gpt2_model(
-    config: GPTConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu"
-) -> PreTrainedModel:
-    """An empty ``GPT2LMHeadModel`` for our GPT's weights (``load_gpt_into``), for evaluation."""
+def gpt2_model(config: GPTConfig, tokenizer: PreTrainedTokenizerBase,
+               device: torch.device | str = "cpu") -> PreTrainedModel:
+    """An empty ``GPT2LMHeadModel`` for our GPT's weights (``copy_gpt_into_hf_model``), for evaluation."""
     from transformers import GPT2LMHeadModel
 
     return GPT2LMHeadModel(gpt2_config(config, tokenizer)).to(device).eval()
 
 
-def load_gpt_into(model: PreTrainedModel, tensors: TensorStream, config: GPTConfig, origin: str) -> None:
+def copy_gpt_into_hf_model(model: PreTrainedModel, config: GPTConfig, tensors: TensorStream, origin: str) -> None:
     """Copy ``model.GPT`` tensors into a ``gpt2_model``, one tensor at a time."""
-    load_into(model, gpt2_tensors(tensors, config, model.config.vocab_size), origin)
+    copy_into_hf_model(model, gpt2_tensors(tensors, config, model.config.vocab_size), origin)
 
 
-def export(
-    source: str | Path, out: str | Path, tokenizer: str, info: dict[str, Any], shard_bytes: int = SHARD_BYTES
-) -> Path:
+def export(source: str | Path, out: str | Path, tokenizer: str, info: dict[str, Any],
+           shard_bytes: int = SHARD_BYTES) -> Path:
     """Write the weights at ``source`` (anything ``Weights`` reads, recording a GPT shape) as a
     Hugging Face GPT-2 directory with the named tokenizer (``bytes`` or ``gpt2``), streaming
     one tensor at a time; ``info`` goes into ``export.json``."""
@@ -197,18 +181,49 @@ def export(
     return save_hf_dir(Path(out), tensors, write_files, "export.json", info, shard_bytes)
 
 
-# ---------------------------------------------------------------------------------------------
-# Hugging Face directories
+def export_run(source: str | Path, out: str | Path, step: int | None = None, kind: str = "raw",
+               data_dir: str | None = None, tokenizer: str | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """``export`` of SOURCE (for a run directory, its ``kind`` snapshot at ``step``, default the
+    latest) with the tokenizer it was trained with: ``tokenizer``, else the meta.json of
+    ``data_dir``, else of the data named by the run's config.json beside SOURCE or above it."""
+    source = export_source(Path(source), step, kind)
+    name = tokenizer or data_meta(data_dir or run_data_dir(source))["tokenizer"]
+    return export(source, out, name, {"source": str(source), "tokenizer": name}, shard_bytes)
 
 
-def save_hf_dir(
-    out: Path,
-    tensors: TensorStream,
-    write_files: Callable[[Path], None],
-    info_name: str,
-    info: dict[str, Any],
-    shard_bytes: int = SHARD_BYTES,
-) -> Path:
+def export_source(source: Path, step: int | None, kind: str) -> Path:
+    """SOURCE itself, or for a run directory its ``kind`` snapshot at ``step`` (default: the latest)."""
+    if not is_run_dir(source):
+        if step is not None:
+            raise InputError(f"--step={step}: only for a run directory, and {source} is not one")
+        return source
+    snapshots = run_snapshots(source, kind)
+    step = max(snapshots) if step is None else step
+    if step not in snapshots:
+        raise InputError(f"--step={step}: no such snapshot; {source}/snapshots/{kind} "
+                         f"has steps {min(snapshots)}..{max(snapshots)}")
+    return snapshots[step]
+
+
+def run_data_dir(source: Path) -> str:
+    """The data_dir of the nearest config.json beside SOURCE or above it that names one (a
+    relative one is the working directory's, as in training and lawa.py); configs further up
+    are not read."""
+    for config in (p / "config.json" for p in [source, *source.parents]):
+        if not config.is_file():
+            continue
+        try:
+            saved = json.loads(config.read_text())
+        except ValueError as e:
+            raise InputError(f"{config}: not valid JSON ({e}); fix it, or pass --data_dir or --tokenizer") from None
+        if isinstance(saved, dict) and "data_dir" in saved:
+            return saved["data_dir"]
+    raise InputError(f"{source}: no run config beside it or above it names its data; "
+                     "pass --data_dir=<the data it was trained on> or --tokenizer=bytes|gpt2")
+
+
+def save_hf_dir(out: Path, tensors: TensorStream, write_files: Callable[[Path], None], info_name: str,
+                info: dict[str, Any], shard_bytes: int = SHARD_BYTES) -> Path:
     """A ``save_pretrained`` directory: ``write_files(folder)`` puts the config and tokenizer
     there, then the weights (``save_safetensors``: sharded past ``shard_bytes``) and, in
     ``info_name``, where they came from. ``out`` is either absent or complete."""
@@ -221,9 +236,8 @@ def save_hf_dir(
     return out
 
 
-def save_hf_average(
-    out: Path, tensors: TensorStream, like: Path, info: dict[str, Any], shard_bytes: int = SHARD_BYTES
-) -> Path:
+def save_hf_average(out: Path, tensors: TensorStream, like: Path, info: dict[str, Any],
+                    shard_bytes: int = SHARD_BYTES) -> Path:
     """An average as a Hugging Face directory: the config and tokenizer files of ``like`` (the
     newest member), the averaged weights, and the window in ``lawa.json``."""
 
@@ -235,23 +249,19 @@ def save_hf_average(
     return save_hf_dir(out, tensors, copy_files, "lawa.json", info, shard_bytes)
 
 
-def load_model(folder: Path, device: torch.device, dtype: str = "auto") -> PreTrainedModel:
-    """The model of a save_pretrained directory, for evaluation. ``auto``: the checkpoint's own
-    dtype on a GPU (float16 for Pythia, as lm-eval loads it), float32 on a CPU."""
-    from transformers import AutoModelForCausalLM
+def load_pretrained(folder: Path, device: torch.device,
+                    dtype: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of a save_pretrained directory, for evaluation. ``auto``: the
+    checkpoint's own dtype on a GPU (float16 for Pythia, as lm-eval loads it), float32 on a CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = DTYPES.get(dtype) or ("auto" if device.type == "cuda" else torch.float32)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=device).eval()
-
-
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=device).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 @torch.no_grad()
-def load_into(model: PreTrainedModel, tensors: TensorStream, origin: str) -> None:
+def copy_into_hf_model(model: PreTrainedModel, tensors: TensorStream, origin: str) -> None:
     """Copy checkpoint tensors into ``model``'s weights in place, one tensor at a time.
 
     Checkpoints name tensors as ``save_pretrained`` stores them, which transformers may rename
@@ -274,10 +284,6 @@ def load_into(model: PreTrainedModel, tensors: TensorStream, origin: str) -> Non
     if missing:
         raise CheckpointError(f"{origin}: no weights for {missing[:3]} of the model (another architecture, or "
                               "weights transformers converts on load); evaluate averages written with --save_dir")
-
-
-# ---------------------------------------------------------------------------------------------
-# perplexity on held-out text
 
 
 @dataclass(frozen=True)
@@ -348,28 +354,18 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf
 
 
-def score(model: PreTrainedModel, data: HeldOut, seq_len: int, batch_size: int) -> dict[str, Any]:
+def held_out_perplexity(model: PreTrainedModel, data: HeldOut, seq_len: int, batch_size: int) -> dict[str, Any]:
     """Token perplexity exp(NLL / tokens) and word perplexity exp(NLL / words), as lm-eval's."""
     nll = total_nll(model, data.tokens, seq_len, batch_size)
     scored = len(data.tokens) - 1
-    return {
-        "file": data.name,
-        "tokens": scored,
-        "words": data.words,
-        "nll": nll,
-        "token_perplexity": _exp(nll / scored),
-        "word_perplexity": _exp(nll / data.words),
-        "tokens_sha256": data.sha256,
-    }
+    return {"file": data.name, "tokens": scored, "words": data.words, "nll": nll,
+            "token_perplexity": _exp(nll / scored), "word_perplexity": _exp(nll / data.words),
+            "tokens_sha256": data.sha256}
 
 
-def text_perplexity(model: PreTrainedModel, data: list[HeldOut], seq_len: int, batch_size: int) -> Evaluation:
+def perplexity_evaluation(model: PreTrainedModel, data: list[HeldOut], seq_len: int, batch_size: int) -> Evaluation:
     """The perplexity evaluation: one record per held-out file."""
-    return lambda: [score(model, held_out, seq_len, batch_size) for held_out in data]
-
-
-# ---------------------------------------------------------------------------------------------
-# zero-shot through lm-evaluation-harness
+    return lambda: [held_out_perplexity(model, held_out, seq_len, batch_size) for held_out in data]
 
 
 def task_manager(include_path: str | None, tasks: list[str]):
@@ -390,14 +386,8 @@ def task_manager(include_path: str | None, tasks: list[str]):
     return manager
 
 
-def zero_shot(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    tasks: list[str],
-    manager,
-    batch_size: int = 8,
-    limit: int | None = None,
-) -> Evaluation:
+def zero_shot_evaluation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[str], manager,
+                         batch_size: int = 8, limit: int | None = None) -> Evaluation:
     """The zero-shot evaluation: lm-eval's ``simple_evaluate`` on ``model`` as loaded at each
     call (``HFLM(pretrained=<model in memory>)``: nothing is saved); one record per task."""
     import lm_eval
@@ -444,13 +434,13 @@ def zero_shot_table(records: list[dict], lawa_label: str = "LAWA") -> str:
     order = list(KIND_COLUMNS)
     kinds = sorted({r["kind"] for r in records if _base_kind(r["kind"]) in KIND_COLUMNS},
                    key=lambda k: (order.index(_base_kind(k)), k))
-    rows: dict[tuple[str, int, str], dict[str, dict]] = {}
+    by_row: dict[tuple[str, int, str], dict[str, dict]] = {}
     for r in records:
-        rows.setdefault((r["model"], r["step"], r["task"]), {})[r["kind"]] = r
+        by_row.setdefault((r["model"], r["step"], r["task"]), {})[r["kind"]] = r
     columns = {**KIND_COLUMNS, "lawa": lawa_label}
     header = ["Model", "Step", "Task", *(columns.get(k) or f"EMA {k[4:]}" for k in kinds)]
-    lines = ["| " + " | ".join(header) + " |", "|---|---:|---|" + "---:|" * len(kinds)]
-    for (model, step, task), by_kind in sorted(rows.items()):
+    rows = []
+    for (model, step, task), by_kind in sorted(by_row.items()):
         reference = next((by_kind[k] for k in reversed(kinds) if k in by_kind), None)  # the original's, when scored
         metric = primary_metric(reference["metrics"]) if reference else None
         if metric is None:
@@ -460,11 +450,9 @@ def zero_shot_table(records: list[dict], lawa_label: str = "LAWA") -> str:
         shown = {k: by_kind[k]["metrics"] for k in kinds if k in by_kind}
         values = {k: metrics[metric] * scale for k, metrics in shown.items() if metric in metrics}
         best = (max if higher else min)(values.values())
-        cells = [
-            "" if k not in values else f"**{values[k]:.2f}**" if values[k] == best and len(set(values.values())) > 1
-            else f"{values[k]:.2f}"
-            for k in kinds
-        ]
+        bold = len(set(values.values())) > 1
+        cells = ["" if k not in values else f"**{values[k]:.2f}**" if bold and values[k] == best else f"{values[k]:.2f}"
+                 for k in kinds]
         label = f"{task} ({metric}{', %' if scale == 100 else ''}{'' if higher else ', lower is better'})"
-        lines.append(f"| {Path(model).name} | {_step_label(step)} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([Path(model).name, _step_label(step), label, *cells])
+    return markdown_table(header, rows, left=(0, 2), padded=False) + "\n"

@@ -39,17 +39,16 @@ from ewa.window import PlanError, Window, coefficients, finish, fold, merge_weig
 Tensors = dict[str, torch.Tensor]
 TensorStream = Iterable[tuple[str, torch.Tensor]]  # (name, tensor) pairs, read as they are needed
 # An evaluation scores the model it was built around, as loaded now: one record per held-out set
-# (the run's token windows, a text file, an lm-eval task). Token-bin loss (lawa_cli.token_loss),
-# text perplexity (hf.text_perplexity) and zero-shot tasks (hf.zero_shot) all have this shape.
+# (the run's token windows, a text file, an lm-eval task). Token-bin loss (lawa.token_loss_evaluation),
+# text perplexity (hf.perplexity_evaluation) and zero-shot tasks (hf.zero_shot_evaluation) have this shape.
 Evaluation = Callable[[], list[dict[str, Any]]]
 # A merged model: its window, its role ("newest": the window's own checkpoint at t, "average":
 # the window's average, or a name of one's own such as "ema") and its tensors.
 Model = tuple["Window", str, TensorStream]
 
 
-def plan_windows(
-    available: Iterable[int], interval: int, k: int, nu: int, start: int = 0, end: int | None = None
-) -> list[Window]:
+def plan_windows(available: Iterable[int], interval: int, k: int, nu: int, start: int = 0,
+                 end: int | None = None) -> list[Window]:
     """Every window from ``start`` to ``end`` (default: the last available step), with the
     members each lacks. Windows reaching before step 0 are left out."""
     if min(interval, k, nu) < 1:
@@ -134,10 +133,6 @@ def plan_strategies(windows: list[Window], sum_fits: bool) -> list[str]:
     return strategies
 
 
-# ---------------------------------------------------------------------------------------------
-# the two sums
-
-
 @dataclass
 class IOStats:
     files_opened: int = 0
@@ -201,9 +196,8 @@ class SlidingSum:
         return {k: self._mean[k] if k in self._mean else self.exact[k] for k in self.names}
 
 
-def tensorwise_mean(
-    members: list[Weights], device: torch.device | str = "cpu", c: list[float] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+def tensorwise_mean(members: list[Weights], device: torch.device | str = "cpu",
+                    c: list[float] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, merge) for each tensor of the newest member, one tensor at a time: the window's
     mean (or, with coefficients ``c``, oldest first, its weighted sum; ``window_mean``), in the
     newest member's dtype."""
@@ -218,19 +212,6 @@ def tensorwise_mean(
             return (last if i == len(members) - 1 else members[i].get(name)).to(device)
 
         yield name, window_mean(len(members), member, c)
-
-
-def reference_average(files: list[Path]) -> Tensors:
-    """The plain definition, for tests: load every file, sum in float64, divide."""
-    total: Tensors = {}
-    for f in files:
-        for k, v in Weights(f).items():
-            total[k] = total.get(k, 0) + v.double()
-    return {k: (v / len(files)).float() for k, v in total.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# memory
 
 
 def sliding_bytes(weights: Weights, newest: bool) -> int:
@@ -249,10 +230,6 @@ def available_memory(device: torch.device) -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-# ---------------------------------------------------------------------------------------------
-# the engine
 
 
 def opener(paths: dict[int, Path], hf_names: bool, stats: IOStats) -> Callable[[int], Weights]:
@@ -278,19 +255,10 @@ class Merger:
     merge's weights (``merge_weights``); a window merged with weights other than ``uniform`` is
     summed tensor by tensor."""
 
-    def __init__(
-        self,
-        paths: dict[int, Path],
-        device: torch.device | str = "cpu",
-        hf_names: bool = False,
-        memory_budget: int | None = None,
-        weights: str = "uniform",
-    ):
-        self.paths = paths
-        self.device = torch.device(device)
-        self.hf_names = hf_names
-        self.memory_budget = memory_budget
-        self.weights = weights
+    def __init__(self, paths: dict[int, Path], device: torch.device | str = "cpu", hf_names: bool = False,
+                 memory_budget: int | None = None, weights: str = "uniform"):
+        self.paths, self.device, self.hf_names = paths, torch.device(device), hf_names
+        self.memory_budget, self.weights = memory_budget, weights
         merge_weights(weights, 1)  # a bad name fails here, naming the choices
         self.stats = IOStats()
         self.open = opener(paths, hf_names, self.stats)
@@ -311,19 +279,13 @@ class Merger:
     def strategies(self, windows: list[Window], newest: bool = True) -> list[str]:
         if not windows:
             return []
-        budget = self.memory_budget
-        if budget is None:
-            budget = available_memory(self.device) // 2
+        budget = available_memory(self.device) // 2 if self.memory_budget is None else self.memory_budget
         like = Weights(next(iter(self.paths.values())), hf_names=self.hf_names)  # one architecture (``check``)
         return plan_strategies(windows, self.weights == "uniform" and sliding_bytes(like, newest) <= budget)
 
-    def models(
-        self,
-        windows: list[Window],
-        newest: bool = True,
-        save: Callable[[Window, TensorStream], Path] | None = None,
-        progress: Callable[[Iterable], Iterable] = iter,
-    ) -> Iterator[Model]:
+    def models(self, windows: list[Window], newest: bool = True,
+               save: Callable[[Window, TensorStream], Path] | None = None,
+               progress: Callable[[Iterable], Iterable] = iter) -> Iterator[Model]:
         """For each window in the order given (use ``streaming_order``): its newest checkpoint
         (with ``newest``), then its average. Each model's tensors are valid until the next is
         asked for. ``save(window, average)`` writes an average and returns where: the model
@@ -361,12 +323,8 @@ def stream_averages(
             yield window, dict(tensors), raw
 
 
-def score_models(
-    models: Iterable[Model],
-    load: Callable[[TensorStream, str], None],
-    evaluate: Evaluation,
-    kinds: dict[str, str] | None = None,
-) -> Iterator[dict[str, Any]]:
+def score_models(models: Iterable[Model], load: Callable[[TensorStream, str], None], evaluate: Evaluation,
+                 kinds: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
     """Load each model (``load(tensors, origin)``) and yield the evaluation's records, each
     with the step, the kind (the role renamed by ``kinds``) and the members it averages."""
     kinds = kinds or {}

@@ -1,4 +1,4 @@
-"""The paper's whole story in one command, on a CPU in minutes (``reproduce.py``):
+"""The paper's whole story in one run of ``reproduce.py``, on a CPU in minutes:
 
 1. the original run at a high learning rate, with online LAWA of the first (k, nu), the EMA of
    the paper's decay and the EMA of the same mean age as that LAWA window (the horizon-matched
@@ -22,23 +22,20 @@ with the same settings; an interrupted training stage resumes from its last chec
 
 from __future__ import annotations
 
-import argparse
-import json
 import runpy
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ewa.engine import trainer as train
-from ewa.engine.config import ConfigError, TrainConfig, load_config
+from ewa.engine.config import TrainConfig, load_config
 from ewa.engine.data import DataError
-from ewa.files import CheckpointError, atomic_write_text, list_checkpoints
-from ewa.tools import lawa as lawa_cli
 from ewa.tools import report
+from ewa.tools.analysis import steps_at_fractions
+from ewa.tools.cli import WindowSettings
+from ewa.tools.lawa import evaluate_run
 from ewa.tools.merge import WindowPlan
+from ewa.tools.stages import Stages, cooldown_config, train_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,28 +53,6 @@ class Settings:
     wsd_at: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # where merges meet cooldowns
     fresh: bool = False
     assets: str = "assets"
-
-
-class Stages:
-    """Which stages finished, with the settings they ran with."""
-
-    def __init__(self, root: Path, fresh: bool):
-        if fresh and root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True, exist_ok=True)
-        self.path = root / "stages.json"
-        self.finished: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
-
-    def done(self, name: str, settings: dict) -> bool:
-        return self.finished.get(name) == _plain(settings)
-
-    def mark(self, name: str, settings: dict) -> None:
-        self.finished[name] = _plain(settings)
-        atomic_write_text(self.path, json.dumps(self.finished, indent=1) + "\n")
-
-
-def _plain(settings: dict) -> Any:
-    return json.loads(json.dumps(settings))
 
 
 def _say(message: str) -> None:
@@ -100,27 +75,6 @@ def prepare_data(cfg: TrainConfig) -> None:
         sys.argv = argv
 
 
-def train_stage(stages: Stages, name: str, cfg: TrainConfig, source: dict | None = None) -> Path:
-    """Train ``cfg`` unless the same stage already finished; continue an interrupted one."""
-    run_dir = Path(cfg.out_dir)
-    settings = {"config": cfg.to_dict(), "source": source}
-    finished = (run_dir / "resume").is_dir() and cfg.max_steps in list_checkpoints(run_dir / "resume")
-    if stages.done(name, settings) and finished:
-        print(f"reusing {run_dir} (finished)")
-        return run_dir
-    saved = run_dir / "config.json"
-    same = saved.exists() and {**json.loads(saved.read_text()), "init_from": cfg.init_from} == cfg.to_dict()
-    if same and (run_dir / "resume").is_dir() and list_checkpoints(run_dir / "resume"):
-        print(f"continuing the interrupted run in {run_dir}")
-        train.run(cfg.replace(init_from="resume"))
-    else:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        train.run(cfg)
-    stages.mark(name, settings)
-    return run_dir
-
-
 def lawa_stage(stages: Stages, run_dir: Path, cfg: TrainConfig, k: int, nu: int, weights: str = "uniform") -> None:
     """lawa.py over the run's raw snapshots: ``<run>/lawa_k<k>_nu<nu>[_<weights>].jsonl``."""
     settings = {"k": k, "nu": nu, "interval": cfg.lawa_interval, "weights": weights, "source": cfg.to_dict()}
@@ -128,35 +82,14 @@ def lawa_stage(stages: Stages, run_dir: Path, cfg: TrainConfig, k: int, nu: int,
     if stages.done(f"{run_dir.name}/{name}", settings) and (run_dir / f"{name}.jsonl").exists():
         print(f"reusing {run_dir / name}.jsonl")
         return
-    wandb = ["--wandb_log"] if cfg.wandb_log else []  # into the training run's wandb run
-    flags = [f"--k={k}", f"--nu={nu}", f"--interval={cfg.lawa_interval}", f"--weights={weights}", *wandb]
-    lawa_cli.run(lawa_cli.parse_args([str(run_dir), *flags]))
+    # with wandb, into the training run's wandb run
+    evaluate_run(run_dir, WindowSettings(k, nu, weights, interval=cfg.lawa_interval), wandb_log=cfg.wandb_log)
     stages.mark(f"{run_dir.name}/{name}", settings)
 
 
 def branch_steps(cfg: TrainConfig, fractions: list[float]) -> list[int]:
     """Eval steps nearest each fraction of training (the original keeps a resume checkpoint there)."""
-    grid = range(cfg.eval_interval, cfg.max_steps, cfg.eval_interval)
-    return sorted({min(grid, key=lambda s: abs(s - f * cfg.max_steps)) for f in fractions})
-
-
-def branch_config(cfg: TrainConfig, run_dir: Path, t: int, steps: int, name: str, **changes: Any) -> TrainConfig:
-    """``cfg`` continued from ``run_dir``'s resume checkpoint at step ``t`` for ``steps`` more
-    steps, on the original's LR schedule, into ``<run_dir>-<name>``. The original's cooldown
-    is kept only by a branch that ends where the original ends: the cooldown is the last
-    cooldown_steps before max_steps, so a shorter branch would cool down where the original
-    did not. ``changes`` may set cooldown_steps (a cooldown branch)."""
-    cooldown = cfg.cooldown_steps if t + steps == cfg.max_steps else 0
-    return cfg.replace(
-        init_from=str(run_dir), branch_step=t, max_steps=t + steps, lr_decay_steps=cfg.decay_steps(),
-        out_dir=f"{run_dir}-{name}", lawa_online=False, wandb_run_name=name, **{"cooldown_steps": cooldown, **changes},
-    )
-
-
-def cooldown_config(cfg: TrainConfig, run_dir: Path, t: int, steps: int, eval_interval: int) -> TrainConfig:
-    """A linear LR cooldown to 0 over ``steps`` steps, branched from the raw checkpoint at ``t``."""
-    return branch_config(cfg, run_dir, t, steps, f"cooldown-{t}", cooldown_steps=steps, eval_interval=eval_interval,
-                         ckpt_interval=steps, resume_interval=steps)
+    return steps_at_fractions(range(cfg.eval_interval, cfg.max_steps, cfg.eval_interval), fractions, cfg.max_steps)
 
 
 def with_matched_ema(cfg: TrainConfig, k: int, nu: int) -> str:
@@ -172,10 +105,9 @@ def original_config(s: Settings) -> TrainConfig:
     # online LAWA and the horizon-matched EMA with the first (k, nu); every eval step keeps a
     # resume checkpoint to branch from
     k, nu = s.lawa[0]
-    return cfg.replace(
-        out_dir=str(Path(s.out) / "run"), lawa_online=True, lawa_k=k, lawa_nu=nu, ema_decays=with_matched_ema(cfg, k, nu),
-        resume_interval=cfg.eval_interval, keep_resume=0, wandb_run_name=cfg.wandb_run_name or "original",
-    )
+    return cfg.replace(out_dir=str(Path(s.out) / "run"), lawa_online=True, lawa_k=k, lawa_nu=nu,
+                       ema_decays=with_matched_ema(cfg, k, nu), resume_interval=cfg.eval_interval, keep_resume=0,
+                       wandb_run_name=cfg.wandb_run_name or "original")
 
 
 def wsd_stage(stages: Stages, s: Settings, cfg: TrainConfig) -> str:
@@ -196,7 +128,24 @@ def wsd_stage(stages: Stages, s: Settings, cfg: TrainConfig) -> str:
     return report.wsd_text(run, constant.learning_rate) + "\n\n![Merge versus decay](../wsd/wsd.png)"
 
 
+def lr_compare_stage(stages: Stages, s: Settings, cfg: TrainConfig, run_dir: Path) -> str:
+    """The same run at a tenth of the learning rate, its LAWA of the first (k, nu), and the
+    comparison with the original (the paper's Figure 2); returns the report's section."""
+    low = cfg.replace(learning_rate=cfg.learning_rate / 10, min_lr=cfg.min_lr / 10, swa_lr=cfg.swa_lr / 10,
+                      out_dir=str(Path(s.out) / "run-lr0.1x"), wandb_run_name="original-lr0.1x")
+    low_dir = train_stage(stages, "original-lr0.1x", low)
+    k, nu = s.lawa[0]
+    lawa_stage(stages, low_dir, low, k, nu)
+    high_run, low_run = report.load_run(run_dir), report.load_run(low_dir)
+    name = f"LAWA k={k} nu={nu}"
+    for folder in (run_dir, Path(s.assets)):
+        report.plot_lr_compare(high_run, low_run, folder / "lr_compare.png", name)
+    text = report.lr_compare_text(high_run, low_run, cfg.learning_rate, low.learning_rate, name)
+    return text + "\n\n![LR comparison](lr_compare.png)"
+
+
 def run_pipeline(s: Settings) -> str:
+    """Every stage, each reused when it finished with the same settings; returns the report."""
     t0 = time.perf_counter()
     stages = Stages(Path(s.out), s.fresh)
     cfg = original_config(s)
@@ -219,20 +168,8 @@ def run_pipeline(s: Settings) -> str:
         step += 1
     extras = []
     if s.lr_compare:
-        low = cfg.replace(
-            learning_rate=cfg.learning_rate / 10, min_lr=cfg.min_lr / 10, swa_lr=cfg.swa_lr / 10,
-            out_dir=str(Path(s.out) / "run-lr0.1x"), wandb_run_name="original-lr0.1x",
-        )
-        _say(f"[{step}/{n}] the same run at lr {low.learning_rate:g} (the paper's Figure 2)")
-        low_dir = train_stage(stages, "original-lr0.1x", low)
-        k, nu = s.lawa[0]
-        lawa_stage(stages, low_dir, low, k, nu)
-        high_run, low_run = report.load_run(run_dir), report.load_run(low_dir)
-        name = f"LAWA k={k} nu={nu}"
-        extras += [report.lr_compare_text(high_run, low_run, cfg.learning_rate, low.learning_rate, name),
-                   "![LR comparison](lr_compare.png)"]
-        for folder in (run_dir, Path(s.assets)):
-            report.plot_lr_compare(high_run, low_run, folder / "lr_compare.png", name)
+        _say(f"[{step}/{n}] the same run at lr {cfg.learning_rate / 10:g} (the paper's Figure 2)")
+        extras.append(lr_compare_stage(stages, s, cfg, run_dir))
         step += 1
     if s.wsd:
         _say(f"[{step}/{n}] merge versus decay: a constant-LR run, its merges, and cooldowns from {s.wsd_at} of it")
@@ -242,42 +179,3 @@ def run_pipeline(s: Settings) -> str:
     print(text)
     print(f"wrote {run_dir / 'report.md'} and plots in {run_dir} and {s.assets}/ in {time.perf_counter() - t0:.0f} s")
     return text
-
-
-def _pairs(text: str) -> list[tuple[int, int]]:
-    try:
-        return [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: write (k, nu) pairs as KxNU,KxNU, e.g. 5x10,5x30") from None
-
-
-def _fractions(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")] if text else []
-
-
-def parse_args(argv: list[str] | None) -> Settings:
-    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any other --key=value overrides the training config (e.g. --max_steps=100).")
-    d = Settings()
-    p.add_argument("--config", default=d.config, help="training config file (default: %(default)s)")
-    p.add_argument("--out", default=d.out, help="folder of every run of the pipeline (default: %(default)s)")
-    p.add_argument("--lawa", type=_pairs, default=d.lawa, help="offline LAWA variants as KxNU pairs (default: 5x10,5x20)")
-    p.add_argument("--cooldown_at", type=_fractions, default=d.cooldown_at, help="fractions of training to branch cooldowns at, or ''")
-    p.add_argument("--cooldown_fraction", type=float, default=d.cooldown_fraction, help="cooldown length / t (default: %(default)s)")
-    p.add_argument("--lr_compare", action="store_true", help="also run at a tenth of the learning rate (Figure 2)")
-    p.add_argument("--wsd", action="store_true",
-                   help="also merge versus decay: a constant-LR run, its uniform and 1-sqrt merges against cooldowns")
-    p.add_argument("--wsd_at", type=_fractions, default=d.wsd_at,
-                   help="fractions of training where --wsd compares merges and cooldowns (default: 0.25,0.5,0.75)")
-    p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
-    p.add_argument("--assets", default=d.assets, help="where the plots are copied (default: %(default)s)")
-    args, overrides = p.parse_known_args(argv)
-    return Settings(args.config, args.out, overrides, args.lawa, args.cooldown_at, args.cooldown_fraction,
-                    args.lr_compare, args.wsd, args.wsd_at, args.fresh, args.assets)
-
-
-def main(argv: list[str] | None = None) -> None:
-    try:
-        run_pipeline(parse_args(argv))
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")

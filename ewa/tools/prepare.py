@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,10 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
-@lru_cache(maxsize=None)
-def _tokenizer(name: str):
-    return get_tokenizer(name)
-
-
 def tokenize_example(example: dict, tokenizer: str = "gpt2") -> dict:
     """``datasets.map`` function: ids of one document, ended with the end-of-text token
     when the tokenizer has one (module-level so worker processes can pickle it)."""
-    tok = _tokenizer(tokenizer)
+    tok = get_tokenizer(tokenizer)
     ids = tok.encode(example["text"])
     if tok.eot is not None:
         ids.append(tok.eot)
@@ -64,13 +58,8 @@ def split_done(data_dir: str | Path, split: str, n_tokens: int, dtype: str) -> b
 
 def write_meta(data_dir: str | Path, tokenizer: str, counts: dict[str, int], source: str) -> None:
     vocab_size = get_tokenizer(tokenizer).vocab_size
-    meta = {
-        "tokenizer": tokenizer,
-        "vocab_size": vocab_size,
-        "dtype": token_dtype(vocab_size),
-        "tokens": counts,
-        "source": source,
-    }
+    meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "dtype": token_dtype(vocab_size), "tokens": counts,
+            "source": source}
     atomic_write_text(Path(data_dir) / "meta.json", json.dumps(meta, indent=2) + "\n")
 
 

@@ -1,11 +1,6 @@
 """LAWA over Hugging Face checkpoints: Pythia's public step revisions (sections 3, 4.2 and 4.4 of
-the paper), or any folder of ``save_pretrained`` directories named by step.
-
-    python pythia_lawa.py download   EleutherAI/pythia-1b-deduped --steps 48000 60000 105000 141000
-    python pythia_lawa.py average    EleutherAI/pythia-1b-deduped --out_dir out/pythia-1b-deduped/lawa
-    python pythia_lawa.py perplexity EleutherAI/pythia-1b-deduped --data philpapers.jsonl
-    python pythia_lawa.py zeroshot   EleutherAI/pythia-1b-deduped --steps 48000 60000 105000 141000
-    python pythia_lawa.py savings    out/pythia-1b-deduped/perplexity.jsonl --tolerance 0 0.5 1
+the paper), or any folder of ``save_pretrained`` directories named by step; the commands of
+``pythia_lawa.py``.
 
 This module holds what is Pythia's own: hub revisions, the GPU-hour table and the savings, and
 the commands. Windows, averages and their evaluation are the shared engine's (``ewa.tools.merge``:
@@ -16,10 +11,9 @@ window's step and its LAWA weights in turn, one model in memory, no disk writes 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,29 +26,25 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from ewa.engine.config import ConfigError
 from ewa.engine.logger import MetricsLogger, read_metrics
 from ewa.engine.runtime import resolve_device
 from ewa.files import CheckpointError, atomic_write_text, list_checkpoints
 from ewa.tools import hf
-from ewa.tools.hf import InputError
+from ewa.tools.cli import InputError
 from ewa.tools.merge import Evaluation, Merger, TensorStream, WindowPlan, score_models
-from ewa.window import PlanError, Window
+from ewa.window import Window
 
 PYTHIA_LAST_STEP = 143000  # the last revision of every Pythia model
 GPU_HOURS_FILE = Path(__file__).resolve().parents[2] / "configs" / "pythia_gpu_hours.json"
 HUB_FILES = ["*.json", "*.txt", "*.model"]  # config, tokenizer, shard index: all but the weights
-KINDS = {"newest": "original", "average": "lawa"}
-
-
-# ---------------------------------------------------------------------------------------------
-# revisions
+PYTHIA_KINDS = {"newest": "original", "average": "lawa"}  # the merge engine's roles as the paper names them
 
 
 @dataclass
-class Source:
+class Revisions:
     """Checkpoints by step, and the windows planned over them."""
 
     name: str  # the hub id or folder, as given
@@ -63,19 +53,16 @@ class Source:
     unavailable: dict[int, str] = field(default_factory=dict)  # step -> why it could not be had
 
     @property
-    def complete(self) -> list[Window]:
+    def complete_windows(self) -> list[Window]:
         return [w for w in self.windows if w.complete]
 
     def skip_reasons(self) -> list[str]:
-        return [
-            f"window at step {w.step} skipped: no checkpoint at step "
-            + ", ".join(f"{s} ({self.unavailable[s]})" if s in self.unavailable else str(s) for s in w.missing)
-            for w in self.windows
-            if not w.complete
-        ]
+        return [f"window at step {w.step} skipped: no checkpoint at step "
+                + ", ".join(f"{s} ({self.unavailable[s]})" if s in self.unavailable else str(s) for s in w.missing)
+                for w in self.windows if not w.complete]
 
 
-def open_source(model: str, plan: WindowPlan, cache_dir: str | None = None) -> Source:
+def open_revisions(model: str, plan: WindowPlan, cache_dir: str | None = None) -> Revisions:
     """A folder of ``step<N>/`` directories, or a hub id whose ``step<N>`` revisions the windows
     need are taken from the local cache or downloaded (``HF_HUB_OFFLINE=1``: the cache only)."""
     folder = Path(model)
@@ -83,7 +70,7 @@ def open_source(model: str, plan: WindowPlan, cache_dir: str | None = None) -> S
         paths = {s: p for s, p in list_checkpoints(folder).items() if p.is_dir()}
         if not paths:
             raise CheckpointError(f"{folder}: no save_pretrained directories named by step (step1000/, step2000/, ...)")
-        return Source(model, paths, plan.windows(paths, plan.end))
+        return Revisions(model, paths, plan.windows(paths, plan.end))
     end = plan.end or PYTHIA_LAST_STEP
     needed = sorted({s for w in plan.windows([end], end) for s in w.members})
     paths, unavailable = {}, {}
@@ -98,7 +85,7 @@ def open_source(model: str, plan: WindowPlan, cache_dir: str | None = None) -> S
         first = needed[0]
         raise CheckpointError(f"{model}: not a local folder, and none of the {len(needed)} revisions the windows need "
                               f"could be had (step{first}: {unavailable[first]}); run `pythia_lawa.py download` online")
-    return Source(model, paths, plan.windows(paths, end), unavailable)
+    return Revisions(model, paths, plan.windows(paths, end), unavailable)
 
 
 def fetch_revision(repo_id: str, step: int, cache_dir: str | None = None) -> Path:
@@ -119,50 +106,50 @@ def fetch_revision(repo_id: str, step: int, cache_dir: str | None = None) -> Pat
                               "(a gated or private one needs `hf auth login`)") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# averages
-
-
-def check_members(source: Source, device: torch.device | str = "cpu") -> Merger:
-    """An engine over the checkpoints of the complete windows (averaging on ``device``), each
-    checked to open and to have the first one's tensor names and shapes before any work is
-    spent on averages."""
-    steps = {s for w in source.complete for s in w.members}
+def open_checked(model: str, plan: WindowPlan, cache_dir: str | None = None,
+                 device: torch.device | str = "cpu") -> tuple[Revisions, Merger]:
+    """The revisions of ``model`` the plan needs, the skipped windows reported, and an engine over
+    the complete windows (averaging on ``device``), their members checked to open and to have the
+    first one's tensor names and shapes before any work is spent on averages."""
+    revisions = open_revisions(model, plan, cache_dir)
+    for reason in revisions.skip_reasons():
+        print(reason, file=sys.stderr)
+    steps = {s for w in revisions.complete_windows for s in w.members}
     if not steps:
-        raise CheckpointError(f"{source.name}: no complete LAWA window\n" + "\n".join(source.skip_reasons()))
-    merger = Merger(source.paths, device, hf_names=True)
+        raise CheckpointError(f"{revisions.name}: no complete LAWA window\n" + "\n".join(revisions.skip_reasons()))
+    merger = Merger(revisions.paths, device, hf_names=True)
     merger.check(steps)
-    return merger
+    print(f"{revisions.name}: {len(revisions.complete_windows)} of {len(revisions.windows)} windows complete "
+          f"(k={plan.k}, nu={plan.nu}, interval={plan.interval}, start={plan.start})")
+    return revisions, merger
 
 
-def save_window(out_dir: Path, source: Source, plan: WindowPlan) -> Callable[[Window, TensorStream], Path]:
+def save_window(out_dir: Path, revisions: Revisions, plan: WindowPlan) -> Callable[[Window, TensorStream], Path]:
     """The writer of ``out_dir/step<t>``, which keeps the average an earlier run left there for
     the same window and refuses to overwrite another."""
 
     def save(window: Window, average: TensorStream) -> Path:
         out = out_dir / f"step{window.step}"
-        info = {"step": window.step, "members": list(window.members), "k": plan.k, "nu": plan.nu, "source": source.name}
+        info = {"step": window.step, "members": list(window.members), "k": plan.k, "nu": plan.nu,
+                "source": revisions.name}
         if not out.exists():
-            return hf.save_hf_average(out, average, source.paths[window.step], info)
+            return hf.save_hf_average(out, average, revisions.paths[window.step], info)
         try:
             done = json.loads((out / "lawa.json").read_text())
         except (OSError, ValueError):
             done = {}
-        if done.get("members") == info["members"] and done.get("source") == source.name:
+        if done.get("members") == info["members"] and done.get("source") == revisions.name:
             return out
-        raise CheckpointError(f"{out}: exists and is not this window's average of {source.name} "
+        raise CheckpointError(f"{out}: exists and is not this window's average of {revisions.name} "
                               f"(steps {info['members']}); remove it or pick another output folder")
 
     return save
 
 
-# ---------------------------------------------------------------------------------------------
-# GPU hours saved (Figure 6, Table 3)
-
-
 @dataclass(frozen=True)
 class Saving:
-    """How much earlier LAWA reaches ``target`` (the original's final perplexity + tolerance)."""
+    """How much earlier LAWA reaches ``target`` (the original's final perplexity + tolerance): the
+    steps and GPU hours saved of Figure 6 and Table 3."""
 
     tolerance: float
     target: float
@@ -179,7 +166,8 @@ class Saving:
         return None if self.steps_saved is None else self.steps_saved * self.hours_per_step
 
 
-def first_step_reaching(trajectory: dict[int, float], target: float, until: int) -> int | None:
+def first_step_at_or_below(trajectory: dict[int, float], target: float, until: int) -> int | None:
+    """The first step (by ``until``) at which the trajectory is at ``target`` or below."""
     return next((s for s in sorted(trajectory) if s <= until and trajectory[s] <= target), None)
 
 
@@ -194,9 +182,9 @@ def saving(original: dict[int, float], lawa: dict[int, float], tolerance: float 
     if final_step not in original:
         raise InputError(f"--final_step {final_step}: the original trajectory has no perplexity there")
     target = original[final_step] + tolerance
-    original_step = first_step_reaching(original, target, final_step)
+    original_step = first_step_at_or_below(original, target, final_step)
     assert original_step is not None  # final_step itself reaches the target
-    return Saving(tolerance, target, original_step, first_step_reaching(lawa, target, final_step), hours_per_step)
+    return Saving(tolerance, target, original_step, first_step_at_or_below(lawa, target, final_step), hours_per_step)
 
 
 def gpu_hours_per_step(model: str, path: Path = GPU_HOURS_FILE) -> float:
@@ -210,9 +198,8 @@ def gpu_hours_per_step(model: str, path: Path = GPU_HOURS_FILE) -> float:
     return table[key]["gpu_hours"] / table[key]["steps"]
 
 
-def trajectories(
-    records: list[dict], file: str | None, metric: str
-) -> tuple[str, str, dict[int, float], dict[int, float]]:
+def trajectories(records: list[dict], file: str | None,
+                 metric: str) -> tuple[str, str, dict[int, float], dict[int, float]]:
     """(model, file, original, LAWA) perplexity by step from a ``perplexity`` run's records."""
     rows = [r for r in records if r.get("kind") in ("original", "lawa")]
     files = sorted({r["file"] for r in rows})
@@ -240,12 +227,9 @@ def savings_table(rows: list[Saving]) -> str:
 
 
 def plot_savings(curves: dict[str, list[Saving]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    """GPU hours saved against the tolerance, a line per model."""
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
     for name, savings in curves.items():
         points = [(s.tolerance, s.gpu_hours_saved) for s in savings if s.gpu_hours_saved is not None]
         if points:
@@ -257,99 +241,91 @@ def plot_savings(curves: dict[str, list[Saving]], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
-    plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-# commands
+@dataclass(frozen=True)
+class Scoring:
+    """How ``perplexity`` and ``zeroshot`` score the models, and where they write."""
+
+    device: str = "auto"
+    dtype: str = "auto"  # of weights and compute (auto: the checkpoint's on a GPU, float32 on a CPU)
+    batch_size: int = 8  # sequences per forward pass
+    save_dir: str | None = None  # also write each average there as step<N>/
+    out: str | None = None  # results JSONL (default: out/<model>/<command>.jsonl)
 
 
-def _plan(args: argparse.Namespace) -> WindowPlan:
-    return WindowPlan(args.k, args.nu, args.interval, args.start, args.end, tuple(args.steps or ()))
+def results_path(out: str | None, model: str, name: str) -> Path:
+    return Path(out) if out else Path("out") / Path(model).name / name
 
 
-def _open(args: argparse.Namespace, device: torch.device | str = "cpu") -> tuple[Source, WindowPlan, Merger]:
-    plan = _plan(args)
-    source = open_source(args.model, plan, args.cache_dir)
-    for reason in source.skip_reasons():
-        print(reason, file=sys.stderr)
-    merger = check_members(source, device)
-    print(f"{source.name}: {len(source.complete)} of {len(source.windows)} windows complete "
-          f"(k={plan.k}, nu={plan.nu}, interval={plan.interval}, start={plan.start})")
-    return source, plan, merger
-
-
-def _default_out(args: argparse.Namespace, name: str) -> Path:
-    return Path(args.out) if args.out else Path("out") / Path(args.model).name / name
-
-
-def _log_skipped(logger: MetricsLogger, source: Source) -> None:
-    for w in source.windows:
-        if not w.complete:
-            logger.log({"model": source.name, "step": w.step, "kind": "skipped", "missing": list(w.missing)})
-
-
-def _score(args: argparse.Namespace, name: str, evaluation: Callable) -> list[dict]:
+def score_revisions(model: str, plan: WindowPlan, cache_dir: str | None, scoring: Scoring, name: str,
+                    evaluation: Callable) -> list[dict]:
     """Original and LAWA of every complete window, loaded in turn into one model and scored by
     ``evaluation(model, tokenizer)``; the records go to ``out/<model>/<name>.jsonl``."""
-    device = resolve_device(args.device)
-    source, plan, merger = _open(args, device)  # averages are summed where the model is
-    first = source.paths[source.complete[0].step]
-    model, tokenizer = hf.load_model(first, device, args.dtype), hf.load_tokenizer(first)
-    evaluate: Evaluation = evaluation(model, tokenizer)
-    save = save_window(Path(args.save_dir), source, plan) if args.save_dir else None
-    models = merger.models(source.complete, save=save, progress=partial(tqdm, desc="windows", unit="window"))
-    out = _default_out(args, f"{name}.jsonl")
+    device = resolve_device(scoring.device)
+    revisions, merger = open_checked(model, plan, cache_dir, device)  # averages are summed where the model is
+    first = revisions.paths[revisions.complete_windows[0].step]
+    hf_model, tokenizer = hf.load_pretrained(first, device, scoring.dtype)
+    evaluate: Evaluation = evaluation(hf_model, tokenizer)
+    save = save_window(Path(scoring.save_dir), revisions, plan) if scoring.save_dir else None
+    bar = partial(tqdm, desc="windows", unit="window")
+    models = merger.models(revisions.complete_windows, save=save, progress=bar)
+    out = results_path(scoring.out, model, f"{name}.jsonl")
     logger = MetricsLogger(out, echo=False, append=False)
-    _log_skipped(logger, source)
+    for w in revisions.windows:
+        if not w.complete:
+            logger.log({"model": revisions.name, "step": w.step, "kind": "skipped", "missing": list(w.missing)})
     records = []
-
-    def load(tensors: TensorStream, origin: str) -> None:
-        hf.load_into(model, tensors, origin)
-
-    for record in score_models(models, load, evaluate, KINDS):
-        record = {"model": source.name, **record}
-        logger.log(record)
-        records.append(record)
+    for record in score_models(models, partial(hf.copy_into_hf_model, hf_model), evaluate, PYTHIA_KINDS):
+        records.append({"model": revisions.name, **record})
+        logger.log(records[-1])
     logger.close()
     print(f"wrote {out}")
     return records
 
 
-def cmd_download(args: argparse.Namespace) -> None:
-    source, _, _ = _open(args)
-    print(f"{len(source.paths)} checkpoints ready, {len(source.unavailable)} unavailable")
+def download_revisions(model: str, plan: WindowPlan, cache_dir: str | None = None) -> None:
+    """Fetch the revisions the windows need into the local Hugging Face cache."""
+    revisions, _ = open_checked(model, plan, cache_dir)
+    print(f"{len(revisions.paths)} checkpoints ready, {len(revisions.unavailable)} unavailable")
 
 
-def cmd_average(args: argparse.Namespace) -> None:
-    source, plan, merger = _open(args)
-    out_dir = Path(args.out_dir)
-    save = save_window(out_dir, source, plan)
+def write_averages(model: str, plan: WindowPlan, out_dir: str, cache_dir: str | None = None) -> None:
+    """Each complete window's LAWA average as a Hugging Face directory ``out_dir/step<t>``."""
+    revisions, merger = open_checked(model, plan, cache_dir)
+    save = save_window(Path(out_dir), revisions, plan)
     bar = partial(tqdm, desc="LAWA windows", unit="window")
-    for window, _, average in merger.models(source.complete, newest=False, progress=bar):
+    for window, _, average in merger.models(revisions.complete_windows, newest=False, progress=bar):
         save(window, average)
-    print(f"the averages of {len(source.complete)} windows are in {out_dir}/step<N>")
+    print(f"the averages of {len(revisions.complete_windows)} windows are in {out_dir}/step<N>")
 
 
-def cmd_perplexity(args: argparse.Namespace) -> None:
-    def evaluation(model, tokenizer) -> Evaluation:
-        context = model.config.max_position_embeddings
-        seq_len = args.seq_len or context
-        if not 1 <= seq_len <= context:
-            raise InputError(f"--seq_len {seq_len}: must be between 1 and the model's context, {context}")
-        data = [hf.read_held_out(Path(f), tokenizer, args.tokens) for f in args.data]
-        scores = hf.text_perplexity(model, data, seq_len, args.batch_size)
-        dtype = str(model.dtype).removeprefix("torch.")
-        return lambda: [{**r, "seq_len": seq_len, "dtype": dtype} for r in scores()]
+def score_perplexity(model: str, plan: WindowPlan, data: list[str], tokens: int = 1_000_000, seq_len: int | None = None,
+                     scoring: Scoring = Scoring(), cache_dir: str | None = None) -> None:
+    """Token and word perplexity of original vs LAWA on the first ``tokens`` tokens of each held-out
+    file, in windows of ``seq_len`` (default: the model's context)."""
 
-    print(perplexity_table(_score(args, "perplexity", evaluation)))
+    def evaluation(hf_model, tokenizer) -> Evaluation:
+        context = hf_model.config.max_position_embeddings
+        length = seq_len or context
+        if not 1 <= length <= context:
+            raise InputError(f"--seq_len {length}: must be between 1 and the model's context, {context}")
+        held_out = [hf.read_held_out(Path(f), tokenizer, tokens) for f in data]
+        scores = hf.perplexity_evaluation(hf_model, held_out, length, scoring.batch_size)
+        dtype = str(hf_model.dtype).removeprefix("torch.")
+        return lambda: [{**r, "seq_len": length, "dtype": dtype} for r in scores()]
+
+    print(perplexity_table(score_revisions(model, plan, cache_dir, scoring, "perplexity", evaluation)))
 
 
-def cmd_zeroshot(args: argparse.Namespace) -> None:
-    manager = hf.task_manager(args.include_path, args.tasks)  # refuses unknown tasks before any work
-    records = _score(args, "zeroshot", lambda model, tokenizer: hf.zero_shot(
-        model, tokenizer, args.tasks, manager, args.batch_size, args.limit))
-    out = _default_out(args, "zeroshot.jsonl").with_suffix(".md")
+def score_zero_shot(model: str, plan: WindowPlan, tasks: list[str], include_path: str | None = None,
+                    limit: int | None = None, scoring: Scoring = Scoring(), cache_dir: str | None = None) -> None:
+    """Zero-shot lm-evaluation-harness tasks, original vs LAWA (Table 2), and their table."""
+    manager = hf.task_manager(include_path, tasks)  # refuses unknown tasks before any work
+    evaluation = partial(hf.zero_shot_evaluation, tasks=tasks, manager=manager, batch_size=scoring.batch_size,
+                         limit=limit)
+    records = score_revisions(model, plan, cache_dir, scoring, "zeroshot", evaluation)
+    out = results_path(scoring.out, model, "zeroshot.jsonl").with_suffix(".md")
     table = hf.zero_shot_table(records)
     atomic_write_text(out, table)
     print(table)
@@ -366,92 +342,24 @@ def perplexity_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cmd_savings(args: argparse.Namespace) -> None:
+def report_savings(results: list[str], tolerances: Iterable[float] = (0.0,), file: str | None = None,
+                   metric: str = "word_perplexity", final_step: int | None = None,
+                   gpu_hours: str | Path = GPU_HOURS_FILE, gpu_hours_model: str | None = None,
+                   plot: str | None = None) -> None:
+    """GPU hours LAWA saves to reach the original's final perplexity (plus each tolerance) in each
+    ``perplexity`` run's results (Figure 6), optionally plotted."""
     curves: dict[str, list[Saving]] = {}
-    for results in args.results:
-        records = read_metrics(results)
+    for path in results:
+        records = read_metrics(path)
         if not records:
-            raise InputError(f"{results}: missing or empty; it should be the JSONL a `perplexity` run wrote")
-        model, file, original, lawa = trajectories(records, args.file, args.metric)
-        per_step = gpu_hours_per_step(args.gpu_hours_model or model, Path(args.gpu_hours))
-        rows = [saving(original, lawa, t, per_step, args.final_step) for t in args.tolerance]
-        final = args.final_step or max(original)
-        print(f"{model}, {Path(file).name}, {args.metric}: original {original[final]:.3f} at step {final}")
+            raise InputError(f"{path}: missing or empty; it should be the JSONL a `perplexity` run wrote")
+        model, held_out, original, lawa = trajectories(records, file, metric)
+        per_step = gpu_hours_per_step(gpu_hours_model or model, Path(gpu_hours))
+        rows = [saving(original, lawa, t, per_step, final_step) for t in tolerances]
+        final = final_step or max(original)
+        print(f"{model}, {Path(held_out).name}, {metric}: original {original[final]:.3f} at step {final}")
         print(savings_table(rows))
         curves[Path(model).name] = rows
-    if args.plot:
-        plot_savings(curves, Path(args.plot))
-        print(f"wrote {args.plot}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pythia_lawa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-
-    source = argparse.ArgumentParser(add_help=False)
-    source.add_argument("model", help="hub id (EleutherAI/pythia-1b-deduped), or a folder of save_pretrained "
-                        "directories named by step (step21000/, step22000/, ...)")
-    source.add_argument("--k", type=int, default=5, help="checkpoints per window (default: 5)")
-    source.add_argument("--nu", type=int, default=1000, help="steps between a window's checkpoints (default: 1000)")
-    source.add_argument("--interval", type=int, default=3000, help="steps between windows (default: 3000)")
-    source.add_argument("--start", type=int, default=21000, help="first window step (default: 21000)")
-    source.add_argument("--end", type=int,
-                        help=f"last window step (default: the last checkpoint; {PYTHIA_LAST_STEP} for a hub id)")
-    source.add_argument("--steps", type=int, nargs="+",
-                        help="only the windows at these steps (e.g. Table 2's 48000 60000 105000 141000)")
-    source.add_argument("--cache_dir", help="Hugging Face cache for hub revisions (default: HF_HUB_CACHE)")
-
-    evaluation = argparse.ArgumentParser(add_help=False)
-    evaluation.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
-    evaluation.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES],
-                            help="of weights and compute (default: the checkpoint's on a GPU, float32 on a CPU)")
-    evaluation.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass (default: 8)")
-    evaluation.add_argument("--save_dir", help="also write each average there as step<N>/ (default: memory only)")
-    evaluation.add_argument("--out", help="results JSONL (default: out/<model>/<command>.jsonl)")
-
-    def add(name: str, parents: list, summary: str, run) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=parents, help=summary, description=summary)
-        sub.set_defaults(run=run)
-        return sub
-
-    add("download", [source], "fetch the revisions the windows need into the local Hugging Face cache", cmd_download)
-    average = add("average", [source], "write each window's LAWA average as a Hugging Face directory", cmd_average)
-    average.add_argument("--out_dir", required=True, help="folder for step<N>/ directories")
-
-    ppl = add("perplexity", [source, evaluation], "token and word perplexity of original vs LAWA on held-out files",
-              cmd_perplexity)
-    ppl.add_argument("--data", nargs="+", required=True,
-                     help="held-out files: .jsonl with a 'text' field per line, or plain text")
-    ppl.add_argument("--tokens", type=int, default=1_000_000, help="tokens scored per file (default: 1,000,000)")
-    ppl.add_argument("--seq_len", type=int, help="tokens per window (default: the model's context)")
-
-    zs = add("zeroshot", [source, evaluation], "zero-shot lm-evaluation-harness tasks, original vs LAWA (Table 2)",
-             cmd_zeroshot)
-    zs.add_argument("--tasks", nargs="+", default=["lambada_openai", "sciq", "arc_easy", "wikitext"],
-                    help="lm-eval task names (default: the paper's)")
-    zs.add_argument("--include_path", help="folder of task YAMLs of your own")
-    zs.add_argument("--limit", type=int, help="examples per task (default: all)")
-
-    sv = add("savings", [], "GPU hours LAWA saves to reach the original's final perplexity (Figure 6)", cmd_savings)
-    sv.add_argument("results", nargs="+", help="perplexity.jsonl of one or more models")
-    sv.add_argument("--file", help="held-out file to use, when the runs scored several")
-    sv.add_argument("--metric", default="word_perplexity", choices=["word_perplexity", "token_perplexity"])
-    sv.add_argument("--tolerance", type=float, nargs="+", default=[0.0],
-                    help="tolerated increases over the original's final perplexity (default: 0)")
-    sv.add_argument("--final_step", type=int,
-                    help="the original's step whose perplexity is the target (default: its last)")
-    sv.add_argument("--gpu_hours", default=str(GPU_HOURS_FILE),
-                    help="GPU hours per model (default: configs/pythia_gpu_hours.json)")
-    sv.add_argument("--gpu_hours_model", help="entry of that file to use (default: from the model id)")
-    sv.add_argument("--plot", help="PNG of GPU hours saved against the tolerance")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (CheckpointError, ConfigError, InputError, PlanError) as e:
-        sys.exit(f"error: {e}")
+    if plot:
+        plot_savings(curves, Path(plot))
+        print(f"wrote {plot}")

@@ -1,6 +1,7 @@
 """The comparison report of a run: val loss of Original, EMA, SWA and LAWA at each eval step,
 LAWA's gain at 25/50/75/100% of training, the steps LAWA saves, LAWA against EMA at the
-paper's decay and at a matched horizon, and the paper-style plots.
+paper's decay and at a matched horizon, and the paper-style plots; also the markdown tables
+and PNG files that every tool writes.
 
 **Horizon-matched EMA.** An EMA updated every step with decay d gives the weights of j steps
 ago the coefficient (1 - d) d^j: their mean age is d / (1 - d) steps. A LAWA window's members
@@ -18,26 +19,41 @@ Works on any run directory of this project; siblings are found by name:
     <run>/lawa_k<k>_nu<nu>.jsonl     offline LAWA (lawa.py)
     <run>-swa/metrics.jsonl          SWA (train_swa.py)
     <run>-cooldown-<t>/              LR cooldowns branched at step t (the pipeline)
-
-    python report.py out/small [--assets=assets]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ewa.engine.config import config_from_dict
+from matplotlib.figure import Figure
+
+from ewa.engine.config import TrainConfig, config_from_dict
 from ewa.engine.logger import read_metrics
 from ewa.files import atomic_write, atomic_write_text
 from ewa.window import merge_weights
 
 Curve = dict[int, float]  # step -> val loss
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+
+def markdown_table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (), padded: bool = True) -> str:
+    """A markdown table, its columns right-aligned but those in ``left``. ``padded``: each cell
+    right-justified to its column's width, so that the table also reads as plain text."""
+    widths = [max(map(len, column)) if padded else 0 for column in zip(header, *rows)]
+    rule = ["-" * (w + 1 if padded else 3) + ("" if i in left else ":") for i, w in enumerate(widths)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join(rule) + "|", *map(line, rows)])
+
+
+def save_png(fig: Figure, path: str | Path, **kwargs) -> None:
+    """``fig`` as a PNG file, written atomically (``kwargs``: savefig's, e.g. dpi)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
 
 
 def mean_age(k: int, nu: int, weights: str = "uniform") -> float:
@@ -87,7 +103,12 @@ class RunCurves:
         return f"{name} (horizon-matched)" if name == self.horizon.ema else name
 
 
-def _eval_curves(metrics: Path) -> dict[str, Curve]:
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    return config_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+
+
+def eval_curves(metrics: Path) -> dict[str, Curve]:
+    """Every figure of the eval records of a metrics.jsonl (raw, ema, lawa, ...), by step."""
     curves: dict[str, Curve] = {}
     for r in read_metrics(metrics):
         if r.get("kind") == "eval":
@@ -101,13 +122,11 @@ def load_run(run_dir: str | Path) -> RunCurves:
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").exists():
         raise FileNotFoundError(f"{run_dir}/metrics.jsonl not found: is {run_dir} a run directory of train_*.py?")
-    config = json.loads((run_dir / "config.json").read_text())
-    own = _eval_curves(run_dir / "metrics.jsonl")
-    curves = {"Original": own.get("raw", {})}
-    emas = {name: d for name, d in config_from_dict(config).emas().items() if name in own}
-    curves |= {_ema_name(name): own[name] for name in emas}
-    decays = {_ema_name(name): d for name, d in emas.items()}
-    swa = _eval_curves(run_dir.with_name(run_dir.name + "-swa") / "metrics.jsonl").get("swa")
+    cfg = read_run_config(run_dir)
+    own = eval_curves(run_dir / "metrics.jsonl")
+    decays = {_ema_name(name): d for name, d in cfg.emas().items() if name in own}
+    curves = {"Original": own.get("raw", {}), **{_ema_name(name): own[name] for name in cfg.emas() if name in own}}
+    swa = eval_curves(run_dir.with_name(run_dir.name + "-swa") / "metrics.jsonl").get("swa")
     if swa:
         curves["SWA"] = swa
     for path in sorted(run_dir.glob("lawa_k*_nu*.jsonl"), key=_lawa_order):
@@ -115,25 +134,19 @@ def load_run(run_dir: str | Path) -> RunCurves:
         curve = {r["step"]: r["lawa"] for r in read_metrics(path) if r.get("kind") == "lawa"}
         if curve:
             curves[f"LAWA k={k} nu={nu}" + (f" {weights}" if weights else "")] = curve
-    weights = config.get("lawa_weights", "uniform")
-    online = f"LAWA k={config['lawa_k']} nu={config['lawa_nu']}" + (
-        "" if weights == "uniform" else " " + weights.replace(":", "")
-    )
+    weights = "" if cfg.lawa_weights == "uniform" else " " + cfg.lawa_weights.replace(":", "")
+    online = f"LAWA k={cfg.lawa_k} nu={cfg.lawa_nu}{weights}"
     if "lawa" in own and online not in curves:  # offline figures equal online ones: show one
         curves[online] = own["lawa"]
-    horizon = _horizon(online, config["lawa_k"], config["lawa_nu"], weights, decays)
-    return RunCurves(run_dir, config["max_steps"], config["tokens_per_step"], curves, _cooldowns(run_dir), decays, horizon)
+    age = mean_age(cfg.lawa_k, cfg.lawa_nu, cfg.lawa_weights)
+    matched = [n for n, d in decays.items() if abs(ema_age(d) - age) <= 0.01 * max(age, 1.0)]
+    horizon = Horizon(online, age, age / (1 + age), matched[0] if matched else None)
+    return RunCurves(run_dir, cfg.max_steps, cfg.tokens_per_step, curves, _cooldowns(run_dir), decays, horizon)
 
 
 def _ema_name(name: str) -> str:
     """``ema`` (the paper's decay) -> "EMA"; ``ema_0.99`` -> "EMA 0.99"."""
     return "EMA" + name[3:].replace("_", " ")
-
-
-def _horizon(lawa: str, k: int, nu: int, weights: str, decays: dict[str, float]) -> Horizon:
-    age = mean_age(k, nu, weights)
-    matched = [n for n, d in decays.items() if abs(ema_age(d) - age) <= 0.01 * max(age, 1.0)]
-    return Horizon(lawa, age, age / (1 + age), matched[0] if matched else None)
 
 
 def _lawa_order(path: Path) -> tuple[int, int, str]:
@@ -143,21 +156,16 @@ def _lawa_order(path: Path) -> tuple[int, int, str]:
 
 
 def _cooldowns(run_dir: Path) -> dict[int, dict]:
+    """The run's cooldown branches (``<run>-cooldown-<t>``) that reached their last step, by branch step."""
     found = {}
     for branch in run_dir.parent.glob(f"{run_dir.name}-cooldown-*"):
-        evals = _eval_curves(branch / "metrics.jsonl").get("raw", {})
-        config_file = branch / "config.json"
-        if not evals or not config_file.exists():
-            continue
-        cfg = json.loads(config_file.read_text())
-        start = cfg["max_steps"] - cfg["cooldown_steps"]
-        if cfg["max_steps"] in evals:
-            found[start] = {"steps": cfg["cooldown_steps"], "loss": evals[cfg["max_steps"]], "curve": evals}
+        evals = eval_curves(branch / "metrics.jsonl").get("raw", {})
+        if evals and (branch / "config.json").exists():
+            cfg = read_run_config(branch)
+            if cfg.max_steps in evals:
+                found[cfg.max_steps - cfg.cooldown_steps] = {"steps": cfg.cooldown_steps, "loss": evals[cfg.max_steps],
+                                                             "curve": evals}
     return dict(sorted(found.items()))
-
-
-# ---------------------------------------------------------------------------------------------
-# figures
 
 
 def nearest_step(curve: Curve, target: float) -> int | None:
@@ -171,13 +179,12 @@ def gains_at_fractions(original: Curve, lawa: Curve, max_steps: int) -> list[dic
     for f in FRACTIONS:
         step = nearest_step(common, f * max_steps)
         if step is not None:
-            rows.append(
-                {"fraction": f, "step": step, "original": original[step], "lawa": lawa[step], "gain": common[step]}
-            )
+            rows.append({"fraction": f, "step": step, "original": original[step], "lawa": lawa[step],
+                         "gain": common[step]})
     return rows
 
 
-def first_step_reaching(curve: Curve, target: float) -> float | None:
+def interpolated_step_reaching(curve: Curve, target: float) -> float | None:
     """The (linearly interpolated) first step at which ``curve`` falls to ``target`` or below."""
     points = sorted(curve.items())
     for i, (step, loss) in enumerate(points):
@@ -193,21 +200,20 @@ def steps_saved(original: Curve, lawa: Curve) -> dict:
     """How many fewer steps LAWA needs to reach the Original's final val loss."""
     final_step = max(original)
     target = original[final_step]
-    reached = first_step_reaching(lawa, target)
+    reached = interpolated_step_reaching(lawa, target)
     saved = None if reached is None else final_step - reached
     return {"target": target, "final_step": final_step, "lawa_step": reached, "saved": saved}
 
 
-def markdown_table(run: RunCurves) -> str:
+def curves_table(run: RunCurves) -> str:
+    """Every curve's val loss at every eval step, the best of each step in bold."""
     names = list(run.curves)
-    steps = sorted(set().union(*(c.keys() for c in run.curves.values())))
-    lines = ["| step | " + " | ".join(map(run.label, names)) + " |", "|---:|" + "---:|" * len(names)]
-    for s in steps:
-        cells = [f"{run.curves[n][s]:.4f}" if s in run.curves[n] else "" for n in names]
+    rows = []
+    for s in sorted(set().union(*(c.keys() for c in run.curves.values()))):
         best = min((run.curves[n][s], n) for n in names if s in run.curves[n])[1]
-        cells = [f"**{c}**" if n == best and c else c for c, n in zip(cells, names)]
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells = [f"{run.curves[n][s]:.4f}" if s in run.curves[n] else "" for n in names]
+        rows.append([str(s)] + [f"**{c}**" if n == best and c else c for c, n in zip(cells, names)])
+    return markdown_table(["step", *map(run.label, names)], rows, padded=False)
 
 
 def summary(run: RunCurves) -> str:
@@ -222,10 +228,8 @@ def summary(run: RunCurves) -> str:
             reach = f"does not reach the Original's final {saved['target']:.4f}"
         else:
             pct = 100 * saved["saved"] / saved["final_step"]
-            reach = (
-                f"reaches the Original's final {saved['target']:.4f} at step {saved['lawa_step']:.0f}: "
-                f"{saved['saved']:.0f} steps ({pct:.0f}%) saved"
-            )
+            reach = (f"reaches the Original's final {saved['target']:.4f} at step {saved['lawa_step']:.0f}: "
+                     f"{saved['saved']:.0f} steps ({pct:.0f}%) saved")
         out.append(f"- **{name}**: gain over Original at {gains}; {reach}.")
     return "\n".join(out)
 
@@ -236,20 +240,16 @@ def horizon_table(run: RunCurves) -> str:
     h = run.horizon
     if h.lawa not in run.curves or not run.ema_names():
         return ""
-    rows = {n: gains_at_fractions(run.curves[n], run.curves[h.lawa], run.max_steps) for n in run.ema_names()}
-    first = next(iter(rows.values()))
-    header = "| EMA | decay | mean age (steps) | " + " | ".join(f"{int(100 * r['fraction'])}% (step {r['step']})" for r in first)
-    lines = [header + " |", "|---|---:|---:|" + "---:|" * len(first)]
-    for name, gains in rows.items():
-        d = run.ema_decays[name]
-        cells = " | ".join(f"{r['gain']:+.4f}" for r in gains)
-        lines.append(f"| {run.label(name)} | {d:g} | {ema_age(d):.1f} | {cells} |")
+    gains = {n: gains_at_fractions(run.curves[n], run.curves[h.lawa], run.max_steps) for n in run.ema_names()}
+    fractions = [f"{int(100 * r['fraction'])}% (step {r['step']})" for r in next(iter(gains.values()))]
+    rows = [[run.label(n), f"{run.ema_decays[n]:g}", f"{ema_age(run.ema_decays[n]):.1f}",
+             *(f"{r['gain']:+.4f}" for r in g)] for n, g in gains.items()]
+    table = markdown_table(["EMA", "decay", "mean age (steps)", *fractions], rows, left=(0,), padded=False)
     kept = f"the run keeps it as {h.ema}" if h.ema else f"train with --ema_decays={h.decay:g} to compare with it"
-    note = (
-        f"{h.lawa} averages weights of mean age {h.age:g} steps; an EMA of decay d, d/(1−d) steps. The "
-        f"horizon-matched decay is {h.decay:g} ({kept}). Each cell: EMA minus {h.lawa} val loss (positive: LAWA is lower)."
-    )
-    return note + "\n\n" + "\n".join(lines)
+    note = (f"{h.lawa} averages weights of mean age {h.age:g} steps; an EMA of decay d, d/(1−d) steps. The "
+            f"horizon-matched decay is {h.decay:g} ({kept}). Each cell: EMA minus {h.lawa} val loss "
+            "(positive: LAWA is lower).")
+    return note + "\n\n" + table
 
 
 def cooldown_table(run: RunCurves) -> str:
@@ -257,20 +257,11 @@ def cooldown_table(run: RunCurves) -> str:
     checkpoint at t (extra steps), the baseline for 'averaging stands in for LR decay'."""
     if not run.cooldowns:
         return ""
-    lawa_names = run.lawa_names()
-    header = (
-        "| t | Original at t | " + " | ".join(f"{n} at t" for n in lawa_names) + " | cooldown from t | cooldown steps |"
-    )
-    lines = [header, "|---:|---:|" + "---:|" * len(lawa_names) + "---:|---:|"]
-    for t, cd in run.cooldowns.items():
-        lawa = [f"{run.curves[n][t]:.4f}" if t in run.curves[n] else "" for n in lawa_names]
-        orig = run.curves["Original"].get(t)
-        lines.append(
-            f"| {t} | {'' if orig is None else f'{orig:.4f}'} | "
-            + " | ".join(lawa)
-            + f" | {cd['loss']:.4f} | +{cd['steps']} |"
-        )
-    return "\n".join(lines)
+    names = ["Original", *run.lawa_names()]
+    header = ["t", *(f"{n} at t" for n in names), "cooldown from t", "cooldown steps"]
+    rows = [[str(t), *(f"{run.curves[n][t]:.4f}" if t in run.curves[n] else "" for n in names), f"{cd['loss']:.4f}",
+             f"+{cd['steps']}"] for t, cd in run.cooldowns.items()]
+    return markdown_table(header, rows, padded=False)
 
 
 def wsd_text(run: RunCurves, lr: float) -> str:
@@ -280,26 +271,23 @@ def wsd_text(run: RunCurves, lr: float) -> str:
     original = run.curves["Original"]
     names = run.lawa_names() + ([run.horizon.ema] if run.horizon.ema else [])
     spans = {cd["steps"] for cd in run.cooldowns.values()}
-    lines = [
-        "| t | constant LR at t | " + " | ".join(f"{run.label(n)} at t" for n in names) + " | cooldown from t |",
-        "|---:|---:|" + "---:|" * len(names) + "---:|",
-    ]
+    rows = []
     for t, cd in run.cooldowns.items():
         later = {s: v for s, v in original.items() if s >= t}
         cells = [_reached(later, run.curves[n][t]) if t in run.curves[n] else "" for n in names]
-        lines.append(f"| {t} | {original[t]:.4f} | " + " | ".join(cells) + f" | {_reached(later, cd['loss'])} |")
-    note = (
-        f"A run at a constant learning rate of {lr:g} after warmup (min_lr = learning_rate). At each t, the "
-        f"merges of the window ending at t cost no extra step; the cooldown decays the LR linearly from {lr:g} to 0 "
-        f"over {' / '.join(map(str, sorted(spans)))} more steps (the steps the window spans), from the raw "
-        "checkpoint at t. Each cell: val loss, and (≈ step) the step at which the constant-LR run first reaches "
-        f"it (> {max(original)}: not within the run)."
-    )
-    return "## Merge versus decay (constant learning rate)\n\n" + note + "\n\n" + "\n".join(lines)
+        rows.append([str(t), f"{original[t]:.4f}", *cells, _reached(later, cd["loss"])])
+    header = ["t", "constant LR at t", *(f"{run.label(n)} at t" for n in names), "cooldown from t"]
+    note = (f"A run at a constant learning rate of {lr:g} after warmup (min_lr = learning_rate). At each t, the "
+            f"merges of the window ending at t cost no extra step; the cooldown decays the LR linearly from {lr:g} "
+            f"to 0 over {' / '.join(map(str, sorted(spans)))} more steps (the steps the window spans), from the raw "
+            "checkpoint at t. Each cell: val loss, and (≈ step) the step at which the constant-LR run first reaches "
+            f"it (> {max(original)}: not within the run).")
+    table = markdown_table(header, rows, padded=False)
+    return "## Merge versus decay (constant learning rate)\n\n" + note + "\n\n" + table
 
 
 def _reached(curve: Curve, loss: float) -> str:
-    step = first_step_reaching(curve, loss)
+    step = interpolated_step_reaching(curve, loss)
     return f"{loss:.4f} ({'> ' + str(max(curve)) if step is None else f'≈ {step:.0f}'})"
 
 
@@ -308,7 +296,7 @@ def render(run: RunCurves, extra: str = "") -> str:
         f"# Report: {run.run_dir}",
         f"Validation loss on the run's fixed held-out tokens ({run.max_steps} steps of "
         f"{run.tokens_per_step:,} tokens; the best value of each row in bold).",
-        markdown_table(run),
+        curves_table(run),
         "## Summary",
         summary(run) or "No LAWA curve found (run lawa.py on this run, or train with lawa_online=True).",
     ]
@@ -323,29 +311,12 @@ def render(run: RunCurves, extra: str = "") -> str:
     return "\n\n".join(parts) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------
-# plots
-
-
-def _plot(
-    series: dict[str, Curve], path: Path, title: str, tokens_per_step: int, baseline: str | None = "Original"
-) -> None:
+def _plot(series: dict[str, Curve], path: Path, title: str, tokens_per_step: int,
+          baseline: str | None = "Original") -> None:
     """Val loss curves, and below them each curve minus ``baseline`` (small gains are visible)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = 2 if baseline in series else 1
-    fig, axes = plt.subplots(
-        rows,
-        1,
-        figsize=(7, 3.2 + 2.2 * (rows - 1)),
-        dpi=120,
-        sharex=True,
-        gridspec_kw={"height_ratios": [3, 2][:rows]},
-        squeeze=False,
-    )
+    fig = Figure(figsize=(7, 3.2 + 2.2 * (rows - 1)), dpi=120)
+    axes = fig.subplots(rows, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2][:rows]}, squeeze=False)
     top = axes[0, 0]
     values = []
     for name, curve in series.items():
@@ -368,8 +339,7 @@ def _plot(
     for ax in axes[:, 0]:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_ema_swa(run: RunCurves, path: Path) -> None:
@@ -385,8 +355,6 @@ def plot_lawa(run: RunCurves, path: Path) -> None:
 def plot_wsd(run: RunCurves, path: Path) -> None:
     """Left: the constant-LR run, its merges and each cooldown over steps. Right: at each
     cooldown's branch step t, every candidate minus the constant-LR run at t."""
-    from matplotlib.figure import Figure
-
     original, ts = run.curves["Original"], list(run.cooldowns)
     names = run.lawa_names() + ([run.horizon.ema] if run.horizon.ema else [])
     fig = Figure(figsize=(11, 4), dpi=120)
@@ -421,7 +389,7 @@ def plot_wsd(run: RunCurves, path: Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    save_png(fig, path)
 
 
 def plot_lr_compare(high: RunCurves, low: RunCurves, path: Path, lawa_name: str) -> None:
@@ -434,17 +402,12 @@ def plot_lr_compare(high: RunCurves, low: RunCurves, path: Path, lawa_name: str)
 
 
 def lr_compare_text(high: RunCurves, low: RunCurves, high_lr: float, low_lr: float, lawa_name: str) -> str:
-    lines = [
-        "## Learning-rate comparison (the paper's Figure 2)",
-        f"| LR | step | Original | {lawa_name} | gain |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for run, lr in ((high, high_lr), (low, low_lr)):
-        if lawa_name not in run.curves:
-            continue
-        for r in gains_at_fractions(run.curves["Original"], run.curves[lawa_name], run.max_steps):
-            lines.append(f"| {lr:g} | {r['step']} | {r['original']:.4f} | {r['lawa']:.4f} | {r['gain']:+.4f} |")
-    return "\n".join(lines)
+    """LAWA's gain at 25/50/75/100% of training, at a high and a low learning rate."""
+    rows = [[f"{lr:g}", str(r["step"]), f"{r['original']:.4f}", f"{r['lawa']:.4f}", f"{r['gain']:+.4f}"]
+            for run, lr in ((high, high_lr), (low, low_lr)) if lawa_name in run.curves
+            for r in gains_at_fractions(run.curves["Original"], run.curves[lawa_name], run.max_steps)]
+    table = markdown_table(["LR", "step", "Original", lawa_name, "gain"], rows, padded=False)
+    return "## Learning-rate comparison (the paper's Figure 2)\n" + table
 
 
 def write_report(run_dir: str | Path, assets: str | Path | None = None, extra: str = "") -> str:
@@ -457,19 +420,3 @@ def write_report(run_dir: str | Path, assets: str | Path | None = None, extra: s
         plot_lawa(run, Path(folder) / "lawa.png")
     return text
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("run_dir")
-    parser.add_argument("--assets", help="also write the plots here (e.g. assets)")
-    args = parser.parse_args(argv)
-    try:
-        print(write_report(args.run_dir, args.assets))
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
-    print(
-        f"wrote {Path(args.run_dir) / 'report.md'}, ema_swa.png and lawa.png"
-        + (f" (plots also in {args.assets})" if args.assets else "")
-    )

@@ -9,23 +9,13 @@ it is installed the encoding is built from those local files and needs no networ
 from __future__ import annotations
 
 import importlib.util
+from functools import cache
 from pathlib import Path
-from typing import Protocol
 
 # tiktoken_ext.openai_public's hashes of GPT-2's BPE files
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 GPT2_EOT = 50256
-
-
-class Tokenizer(Protocol):
-    name: str
-    vocab_size: int
-    eot: int | None
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
 
 
 class ByteTokenizer:
@@ -75,22 +65,15 @@ def gpt2_encoding():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(local[0]),
-        encoder_json_file=str(local[1]),
-        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
-        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
-    )
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": GPT2_EOT},
-        explicit_n_vocab=50257,
-    )
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(local[0]), vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+                                            encoder_json_file=str(local[1]), encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=50257)
 
 
-def get_tokenizer(name: str) -> Tokenizer:
+@cache
+def get_tokenizer(name: str) -> ByteTokenizer | GPT2Tokenizer:
+    """The tokenizer of a data set's ``meta.json`` ``tokenizer`` entry (one instance per name)."""
     if name == "bytes":
         return ByteTokenizer()
     if name == "gpt2":
