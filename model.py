@@ -210,11 +210,16 @@ class GPT(nn.Module):
         x = self.hidden(idx)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
+        return None, self.loss(x, targets)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The output layer and the mean cross-entropy of the final hidden states ``x``
+        (compiled on its own under FSDP2, whose root module runs eagerly)."""
         x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)
         if self.loss_chunk_rows:
             rows, grad = self.loss_chunk_rows, torch.is_grad_enabled()
-            return None, ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets, rows, grad)
-        return None, F.cross_entropy(self.lm_head(x).float(), targets)
+            return ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets, rows, grad)
+        return F.cross_entropy(self.lm_head(x).float(), targets)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """Next-token logits at every position."""

@@ -13,7 +13,10 @@ swaps each average into the live model for an evaluation (the live weights come 
 ``finally``), and hands the checkpointer their snapshots and state. With
 ``averaging_device=cpu`` their state lives in (pinned) host memory: the share is copied to a
 staging buffer off the training thread and the updates run on the background's ``averaging``
-lane, so the training thread does not wait for them.
+lane, so the training thread does not wait for them (a step waits only while the previous
+update still reads the staging buffer). There the averagers see the share cut into pieces
+below torch's parallel grain size: each op runs on the lane's thread alone, never on torch's
+intra-op threads, which training uses.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ewa.engine.parallel import Layout, Pieces, Shares
 from ewa.window import coefficients, window_mean
 
 SUM_BLOCK = 1 << 22  # elements summed in float64 at a time by online LAWA
+ONE_THREAD = 1 << 14  # elements per piece that torch's CPU ops process on the calling thread (its grain is 32768)
 
 
 class Averager:
@@ -200,6 +204,11 @@ def build_averagers(
     return averagers
 
 
+def one_thread_pieces(numel: int) -> Shares:
+    """``numel`` elements cut into pieces that torch's CPU ops process on the calling thread alone."""
+    return Shares(tuple(torch.Size([min(ONE_THREAD, numel - a)]) for a in range(0, numel, ONE_THREAD)))
+
+
 class Averaging:
     """Every averager of a run, over this rank's share of the live parameters."""
 
@@ -209,13 +218,16 @@ class Averaging:
                  master: bool = True):
         self.layout, self.params, self.background, self.master = layout, params, background, master
         self.share = layout.pieces(params)  # views of the live parameters, written by the optimizer
-        device = params[0].device
-        host = cfg.averaging_device == "cpu"
-        staging = layout.shares.alloc(device, pin=device.type == "cuda") if host else None
-        self.staging = layout.shares.split(staging) if host else None
-        self.lane = "averaging" if host else None  # where the averagers' state is written
+        self.lane = "averaging" if cfg.averaging_device == "cpu" else None  # where the averagers' state is written
         self._updated: Future | None = None
-        self.averagers = build_averagers(cfg, layout.shares, self.share, device, staging)
+        shares, staging = layout.shares, None
+        if self.lane is not None:  # the share is copied into `staging`; the updates read it as `host_share`
+            staging = layout.shares.alloc(params[0].device, pin=params[0].is_cuda)
+            self.staging = layout.shares.split(staging)
+            shares = one_thread_pieces(layout.shares.numel)
+            self.host_share = shares.split(staging)
+            torch._foreach_copy_(self.staging, self.share)
+        self.averagers = build_averagers(cfg, shares, self.updated_share(), params[0].device, staging)
 
     def update(self, step: int) -> None:
         """Fold the weights after ``step`` into every averager acting at ``step``."""
@@ -234,7 +246,11 @@ class Averaging:
     def _host_update(self, acting: list[Averager], step: int, copied: Done) -> None:
         wait_for(copied)
         for a in acting:
-            a.update(self.staging, step)
+            a.update(self.host_share, step)
+
+    def updated_share(self) -> Pieces:
+        """The pieces the averagers read: the live share, or in host memory its staged copy."""
+        return self.share if self.lane is None else self.host_share
 
     def wait(self) -> None:
         """Until the updates in the background are done (their state may be read then)."""
@@ -270,8 +286,11 @@ class Averaging:
 
     def reset(self, names: list[str] | None = None) -> None:
         """Restart the named averagers (default: all) from the live weights."""
+        if self.lane is not None:
+            self.wait()
+            torch._foreach_copy_(self.staging, self.share)
         for name in self.averagers if names is None else names:
-            self.averagers[name].reset(self.share)
+            self.averagers[name].reset(self.updated_share())
 
     def state_dict(self) -> dict[str, Any]:
         """Each averager's counters, and its buffers as reshardable checkpoint entries."""
@@ -291,7 +310,7 @@ class Averaging:
                 except ValueError as e:
                     raise ConfigError(str(e)) from None
                 continue
-            averager.reset(self.share)
+            self.reset([name])
             if self.master:
                 other = " of this layout (it was saved under the other `parallel`)" if saved else ""
                 print(f"note: the checkpoint has no {name} state{other}; {name} restarts from the loaded weights")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ewa.window import merge_weights
-from model import GPTConfig
+from model import ATTENTION_BACKENDS, GPTConfig
 
 
 class ConfigError(ValueError):
@@ -98,6 +98,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32) | bfloat16 | float32
     compile: bool = False
+    attention: str = "auto"  # the SDPA kernel: auto (PyTorch's choice) | flash | cudnn | efficient | math
+    loss_chunk_rows: int = 0  # >0: the output layer and loss this many rows at a time (no whole-batch logits)
     # -- logging --------------------------------------------------------------------------------
     log_interval: int = 10
     wandb_log: bool = False
@@ -116,8 +118,9 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
-        non_negative = "vocab_size warmup_steps lr_decay_steps cooldown_steps max_snapshots keep_resume".split()
-        for name in non_negative + ["lawa_start", "swa_anneal_steps", "learning_rate", "min_lr", "grad_clip"]:
+        non_negative = ("vocab_size warmup_steps lr_decay_steps cooldown_steps max_snapshots keep_resume loss_chunk_rows "
+                        "lawa_start swa_anneal_steps learning_rate min_lr grad_clip").split()
+        for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
         self._check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
@@ -143,6 +146,8 @@ class TrainConfig:
         )
         self._check(self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode: offline, online or disabled")
         self._check(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")
+        self._check(self.attention in ("auto", *ATTENTION_BACKENDS), f"attention={self.attention!r}: use auto, "
+                    + ", ".join(ATTENTION_BACKENDS))
         self._check(
             self.branch_weights in ("raw", "ema", "lawa") or _is_ema_kind(self.branch_weights),
             f"branch_weights={self.branch_weights!r}: use raw, ema, lawa or ema_<decay> as the run names its "

@@ -34,42 +34,61 @@ Pieces = list[torch.Tensor]  # views into parameters (a rank's share), or into a
 GATHER_ELEMENTS = 1 << 24  # elements per rank per all-gather round when assembling a model (64 MiB fp32)
 
 
-def wrap(model: nn.Module, parallel: str, compile: bool, rt: Runtime) -> tuple[nn.Module, nn.Module]:
-    """(module to train, module to evaluate) around ``model``, which stays the raw handle.
+@dataclass
+class Wrapped:
+    """The model as the loop uses it: ``train`` (DDP, FSDP2 or the model itself), ``eval`` (what
+    evaluation calls) and ``autocast``, the context of their forward passes (none under FSDP2 on
+    a GPU, whose mixed-precision policy computes in bf16 already)."""
 
-    ``ddp``: the model compiled as a whole, wrapped in DDP when a process group is up.
-    ``fsdp``: ``fully_shard`` on each transformer block, then on the root, in place (the
-    parameters become DTensors); each block compiled on its own. On CUDA the blocks compute
-    in bf16 (``rt.dtype``) with fp32 master weights and fp32 gradient reduction."""
+    train: nn.Module
+    eval: nn.Module
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+    def accumulating(self, more_to_come: bool) -> contextlib.AbstractContextManager:
+        """Gradients are synchronised (DDP's all-reduce, FSDP2's reduce-scatter) on the last
+        micro-step of a step only."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if isinstance(self.train, FSDPModule):
+            self.train.set_requires_gradient_sync(not more_to_come)
+        elif isinstance(self.train, DDP) and more_to_come:
+            return self.train.no_sync()
+        return contextlib.nullcontext()
+
+
+def wrap(model: nn.Module, parallel: str, compile: bool, rt: Runtime) -> Wrapped:
+    """``model`` (which stays the raw handle) wrapped for training, as torchtitan does.
+
+    ``ddp``: the model compiled as a whole; in DDP when there are several processes.
+    ``fsdp``: each transformer block compiled (one graph for every block), then sharded with
+    ``fully_shard``, then the root (embeddings, final norm and the head tied to them), the
+    parameters becoming DTensors; the output layer and loss compiled on their own. On CUDA the
+    blocks compute in bf16 (``rt.dtype``) with fp32 master weights and fp32 gradient reduction."""
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         half = rt.device_type == "cuda" and rt.dtype != torch.float32
-        policy = (
-            MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
-        )
-        for block in model.transformer.h:
-            fully_shard(block, mp_policy=policy)
+        policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+        blocks = model.transformer.h
+        for i, block in enumerate(blocks):
             if compile:
                 block.compile(dynamic=False)
+            # the last block's weights would be gathered again at once for the backward
+            fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+        if compile:
+            model.loss = torch.compile(model.loss, dynamic=False)
         fully_shard(model, mp_policy=policy)
-        return model, model
+        return Wrapped(model, model, contextlib.nullcontext if half else rt.autocast)
     model.to(rt.device)
     compiled = torch.compile(model, dynamic=False) if compile else model
-    if not rt.grouped:
-        return compiled, compiled
+    if rt.world_size == 1:  # DDP of one process only splits the compiled graph and adds collectives
+        return Wrapped(compiled, compiled, rt.autocast)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [rt.device.index] if rt.device_type == "cuda" else None
-    return DDP(compiled, device_ids=ids, gradient_as_bucket_view=True), compiled
-
-
-def accumulating(module: nn.Module, more_to_come: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce on the micro-steps before the last of a step (FSDP2
-    reduce-scatters every micro-step: its gradients stay sharded)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return module.no_sync() if more_to_come and isinstance(module, DDP) else contextlib.nullcontext()
+    ddp = DDP(compiled, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)  # buffers: constants
+    return Wrapped(ddp, compiled, rt.autocast)
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,9 @@ class Layout:
         """The share ``flat`` as a reshardable checkpoint entry, or one per parameter (DTensors
         under a process group, viewing ``flat``: a checkpoint loads into them in place)."""
         raise NotImplementedError
+
+    def reshard(self) -> None:
+        """Drop the whole weights a forward pass without backward left gathered (FSDP2)."""
 
     def share_of(self, full: dict[str, torch.Tensor]) -> torch.Tensor:
         """This rank's share of whole tensors (name -> tensor), as a flat fp32 buffer for ``load``."""
@@ -215,7 +237,10 @@ class ShardLayout(Layout):
     @torch.no_grad()
     def load(self, params: list[torch.Tensor], flat: torch.Tensor) -> None:
         torch._foreach_copy_(self.pieces(params), self.shares.split(flat))
-        for module in self.modules:  # the root keeps its gathered weights after an eval forward
+        self.reshard()  # the next forward gathers what was loaded
+
+    def reshard(self) -> None:
+        for module in self.modules:  # the root and the last block keep their weights after forward
             module.reshard()
 
     def global_tensor(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from ewa.engine.config import ConfigError, TrainConfig, load_config, save_config
 from ewa.engine.data import BatchSampler, DataError, data_meta, eval_windows, fingerprint, open_tokens
 from ewa.engine.evaluate import Evaluator
 from ewa.engine.logger import MetricsLogger, NonFiniteLoss, NullRun, TrainLog, open_wandb
-from ewa.engine.parallel import accumulating, layout_of, wrap
+from ewa.engine.parallel import layout_of, wrap
 from ewa.engine.runtime import Runtime, StopSignal, init_runtime, peak_flops, seed_everything, shutdown
 from ewa.engine.schedule import lr_at
 from ewa.engine.start import branch_average, resolve_start
@@ -59,11 +59,12 @@ class Trainer:
         # -- the model, wrapped for training (the same initial weights on every rank) --------------
         seed_everything(cfg.seed)
         self.model = GPT(cfg.model_config(vocab_size))  # the raw handle, for saving and evaluation
+        self.model.attention_backend, self.model.loss_chunk_rows = cfg.attention, cfg.loss_chunk_rows
         self.names = [n for n, _ in self.model.named_parameters()]
         start = resolve_start(cfg)
         if start.weights is not None:
             self.model.load_weights(start.weights)
-        self.train_module, self.eval_module = wrap(self.model, cfg.parallel, cfg.compile, runtime)
+        self.wrapped = wrap(self.model, cfg.parallel, cfg.compile, runtime)
         self.params = [p for _, p in self.model.named_parameters()]
         self.optimizer = self.new_optimizer()
         # -- the components around the loop --------------------------------------------------------
@@ -86,7 +87,7 @@ class Trainer:
                                     runtime.world_size, cfg.seed)
         windows = eval_windows(open_tokens(cfg.data_dir, "val", cfg.block_size + 1), cfg.block_size, cfg.eval_windows())
         self.eval_fingerprint = fingerprint(windows)
-        self.evaluator = Evaluator(windows, cfg.eval_batch_size, runtime)
+        self.evaluator = Evaluator(windows, cfg.eval_batch_size, runtime, self.wrapped.autocast)
         peak = peak_flops(runtime.device)
         mfu = (lambda tok_s: self.model.estimate_mfu(tok_s / runtime.world_size, peak)) if peak else None
         self.log = TrainLog(runtime, cfg.tokens_per_step, cfg.max_steps, cfg.skip_nonfinite, mfu, self.last_saved)
@@ -159,8 +160,8 @@ class Trainer:
             rows = self.sampler.batch(self.step, micro, rt.rank)
             if rt.device_type == "cuda":
                 rows = rows.pin_memory().to(rt.device, non_blocking=True)
-            with accumulating(self.train_module, micro < self.accum - 1), rt.autocast():
-                _, loss = self.train_module(rows[:, :-1], rows[:, 1:])
+            with self.wrapped.accumulating(micro < self.accum - 1), self.wrapped.autocast():
+                _, loss = self.wrapped.train(rows[:, :-1], rows[:, 1:])
             (loss / self.accum).backward()
             total += loss.detach()
         total /= self.accum
@@ -180,8 +181,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Val loss of the raw model and of every average that exists at this step."""
         with self.log.excluded("eval_s"):
-            score = lambda: self.evaluator.loss(self.eval_module)  # noqa: E731
+            score = lambda: self.evaluator.loss(self.wrapped.eval)  # noqa: E731
             results = {"raw": score(), **self.averaging.evaluate(self.step, score)}
+            self.layout.reshard()  # the parameters are the optimizer's again (FSDP2 gathers some for eval)
             self.log.eval(self.step, results)
         return results
 
