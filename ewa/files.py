@@ -41,7 +41,7 @@ SNAPSHOT_RE = re.compile(r"(\d+)")
 SHARD_RE = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors")
 # Conv1D weights in Hugging Face GPT-2 are stored transposed relative to nn.Linear.
 HF_GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+WRAPPER_PREFIXES = re.compile(r"^(?:_orig_mod\.|module\.)+")
 HF_WEIGHT_LAYOUTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -106,13 +106,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def strip_wrapper_prefixes(key: str) -> str:
     """``module._orig_mod.transformer.h.0...`` -> ``transformer.h.0...`` (DDP / torch.compile)."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
+    return WRAPPER_PREFIXES.sub("", key)
 
 
 def is_attention_mask(key: str) -> bool:

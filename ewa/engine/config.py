@@ -28,6 +28,16 @@ class ConfigError(ValueError):
     """A bad config value or file; the message names the key or file and the fix."""
 
 
+# settings that take one of a few values
+CHOICES = {
+    "dtype": ("auto", "bfloat16", "float32"),
+    "wandb_mode": ("offline", "online", "disabled"),
+    "parallel": ("ddp", "fsdp"),
+    "averaging_device": ("gpu", "cpu"),
+    "attention": ("auto", *ATTENTION_BACKENDS),
+}
+
+
 @dataclass
 class TrainConfig:
     # -- run ------------------------------------------------------------------------------------
@@ -139,21 +149,18 @@ class TrainConfig:
         self._check(0 < self.swa_start < 1, f"swa_start={self.swa_start} is a fraction of max_steps in (0, 1)")
         self._check(self.cooldown_steps <= self.max_steps, "cooldown_steps must not exceed max_steps")
         self._check(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
-        self._check(self.dtype in ("auto", "bfloat16", "float32"), f"dtype={self.dtype!r}: use auto, bfloat16 or float32")
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            self._check(value in choices, f"{name}={value!r}: use {', '.join(choices)}")
         self._check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device={self.device!r}: use auto, cpu, cuda or cuda:N",
         )
-        self._check(self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode: offline, online or disabled")
-        self._check(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")
-        self._check(self.attention in ("auto", *ATTENTION_BACKENDS), f"attention={self.attention!r}: use auto, "
-                    + ", ".join(ATTENTION_BACKENDS))
         self._check(
             self.branch_weights in ("raw", "ema", "lawa") or _is_ema_kind(self.branch_weights),
             f"branch_weights={self.branch_weights!r}: use raw, ema, lawa or ema_<decay> as the run names its "
             "ema_decays snapshots (e.g. ema_0.99)",
         )
-        self._check(self.averaging_device in ("gpu", "cpu"), f"averaging_device={self.averaging_device!r}: use gpu or cpu")
         self._check(
             not self.lawa_online or self.eval_interval % self.lawa_nu == 0,
             f"lawa_online needs eval_interval ({self.eval_interval}) to be a multiple of lawa_nu ({self.lawa_nu}): "
@@ -219,16 +226,8 @@ class TrainConfig:
         return max(1, self.eval_tokens // self.block_size)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(
-            block_size=self.block_size,
-            vocab_size=self.vocab_size or vocab_size,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_embd=self.n_embd,
-            dropout=self.dropout,
-            bias=self.bias,
-            scale_attn_by_inverse_layer_idx=self.scale_attn_by_inverse_layer_idx,
-        )
+        """The model's shape (``vocab_size``: the tokenizer's, unless the config sets one)."""
+        return GPTConfig.from_dict({**asdict(self), "vocab_size": self.vocab_size or vocab_size})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -7,7 +7,9 @@ import contextlib
 import datetime
 import os
 import signal
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,6 +127,27 @@ def init_runtime(device: str = "auto", dtype: str = "auto", group: bool = False)
             **lone,
         )
     return Runtime(rank, local_rank, world_size, dev, _resolve_dtype(dtype, dev))
+
+
+def check_shared_dir(path: str | os.PathLike, rt: Runtime, wait_s: float = 5.0) -> None:
+    """Every rank writes into ``path``: check that all see the same folder. Rank 0 writes a
+    token there; a rank that cannot read it within ``wait_s`` is on other storage."""
+    if not rt.distributed:
+        return
+    token = torch.randint(1, 2**62, (1,)) if rt.master else torch.zeros(1, dtype=torch.int64)
+    if rt.master:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / f".shared-{token.item()}").touch()
+    dist.broadcast(token, src=0)
+    file, deadline = Path(path) / f".shared-{token.item()}", time.monotonic() + wait_s
+    while not file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # another node's view of a shared file system may lag a moment
+    unseen = rt.any(not file.exists())
+    if rt.master:
+        file.unlink()
+    if unseen:
+        raise ConfigError(f"out_dir={path} is not the same folder on every rank (a rank cannot read what rank 0 "
+                          "wrote there): put it on storage that every node mounts")
 
 
 def shutdown(runtime: Runtime) -> None:

@@ -37,7 +37,15 @@ from ewa.engine.data import BatchSampler, DataError, data_meta, eval_windows, fi
 from ewa.engine.evaluate import Evaluator
 from ewa.engine.logger import MetricsLogger, NonFiniteLoss, NullRun, TrainLog, open_wandb
 from ewa.engine.parallel import layout_of, wrap
-from ewa.engine.runtime import Runtime, StopSignal, init_runtime, peak_flops, seed_everything, shutdown
+from ewa.engine.runtime import (
+    Runtime,
+    StopSignal,
+    check_shared_dir,
+    init_runtime,
+    peak_flops,
+    seed_everything,
+    shutdown,
+)
 from ewa.engine.schedule import lr_at
 from ewa.engine.start import branch_average, resolve_start
 from ewa.files import CheckpointError
@@ -52,6 +60,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, runtime: Runtime):
         self.cfg, self.rt = cfg, runtime
         self.run_dir = Path(cfg.out_dir)
+        check_shared_dir(self.run_dir, runtime)  # before any rank reads or writes the run's files
         vocab_size = data_meta(cfg.data_dir)["vocab_size"]
         if cfg.vocab_size and cfg.vocab_size < vocab_size:
             raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
