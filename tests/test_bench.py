@@ -156,3 +156,66 @@ def test_memory_plan_counts_each_ranks_share(parallel):
     )
     optimizer = plan["rows"]["optimizer (AdamW)"]["device"]
     assert optimizer == pytest.approx(2 * plan["model_bytes"] / (8 if parallel == "fsdp" else 1), rel=0.01)
+
+
+def test_gpu_check_smoke_runs_every_case_and_reports_failures(tmp_path, data_dir):
+    """bench/gpu_check.py --smoke: every case on the CPU through the GPU check's own runner
+    (subprocesses under torchrun, SIGTERM and the continued run, check_files, the JSON), with
+    one case made to fail (the others still run and pass). Beside it, at the same time, a run
+    with one case made to hang: it is killed when the budget runs out, and the next case is
+    left "not run: out of time"."""
+    from bench.gpu_check import CASE_NAMES
+
+    def start(out: Path, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "bench/gpu_check.py", "--smoke", f"--out_dir={out}", f"--data_dir={data_dir}", *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+
+    every = start(tmp_path / "all", "--inject", "mb32=fail")
+    hang = start(tmp_path / "hang", "--cases", "staging", "nanogpt", "--inject", "staging=hang", "--budget_s=15")
+    hang_log, _ = hang.communicate(timeout=120)
+    log, _ = every.communicate(timeout=300)
+
+    result = json.loads((tmp_path / "all" / "gpu_check.json").read_text())
+    cases = result["cases"]
+    assert every.returncode == 1, log[-3000:]  # one case failed
+    assert result["smoke"] and not result["passed"] and list(cases) == CASE_NAMES
+    statuses = {n: c["status"] for n, c in cases.items()}
+    assert statuses == {n: "failed" if n == "mb32" else "passed" for n in CASE_NAMES}, log[-3000:]
+    failed = cases["mb32"]
+    assert failed["exit_status"] == [1] and failed["commands"][0].endswith("--no_such_setting=1")
+    assert any("unknown config key 'no_such_setting'" in line for line in failed["stderr_tail"])
+    assert "mb32: failed (exit status 1)" in log and "no_such_setting" in log.split("mb32: failed")[-1]
+    # the true baseline: train_small.py without averaging, nothing written inside the run
+    base = cases["base"]
+    assert "train_small.py" in base["commands"][0] and "train_swa.py" not in base["commands"][0]
+    assert all(f in base["commands"][0] for f in ("--ema=False", "--swa=False", "--lawa_online=False"))
+    assert base["figures"]["files"] == {"resume": [20], "snapshots": {"raw": [0, 20]}}
+    assert base["figures"]["evals"] == [0, 20]
+    for name in ("ddp", "fsdp", "hostavg"):  # stopped past halfway, continued by the same command, files checked
+        c = cases[name]
+        assert c["exit_status"] == [0, 0] and c["commands"][0] == c["commands"][1]
+        assert "--init_from=auto" in c["commands"][0]
+        assert 30 < c["figures"]["stopped_at"] < 60 and c["figures"]["processes"] == 2
+        assert isinstance(c["figures"]["overhead_pct"], float)
+        assert not (tmp_path / "all" / name / "run" / "resume").exists()  # the weights are removed once checked
+    for name in ("base", "ddp", "fsdp", "mb64", "flash", "cudnn", "hostavg"):
+        assert positive(cases[name]["figures"]["ms_per_step"], cases[name]["figures"]["tok_per_s"]), name
+    assert "--attention=math" in cases["cudnn"]["commands"][0]  # no cuDNN on a CPU
+    assert result["settings"]["smoke_attention"] == {"cudnn": "math"}
+    staging = cases["staging"]["figures"]["methods"]
+    assert set(staging) == {"background_copy", "dcp_default_stager", "sync_to_cpu"}
+    assert all(m["equal"] and positive(m["complete_ms"], m["gb_per_s"]) for m in staging.values())
+    assert set(cases["nanogpt"]["figures"]["loops"]) == {"nanogpt", "ours"}
+    assert "aten::" in (tmp_path / "all" / "profile.txt").read_text() and cases["profile"]["figures"]["top"]
+    assert len(result["commands"]) == len(CASE_NAMES) + 3  # three cases ran twice
+    assert result["comparison"]["overhead_pct"]["base"] == 0 and "mb32" not in result["comparison"]["overhead_pct"]
+    assert [t["holds"] for t in result["targets"]][1] is None  # MFU: not measured on a CPU
+    assert all(t["holds"] in (True, False, None) for t in result["targets"]) and result["machine"]["torch"]
+
+    hung = json.loads((tmp_path / "hang" / "gpu_check.json").read_text())
+    assert hang.returncode == 1, hang_log[-3000:]
+    statuses = {n: c["status"] for n, c in hung["cases"].items()}
+    assert statuses == {"staging": "timed out", "nanogpt": "not run: out of time"}
+    assert hung["cases"]["staging"]["exit_status"] == [-9] and hung["wall_s"] < 20
