@@ -1,6 +1,7 @@
 # GPT-2 small (125M) on OpenWebText: the paper's high-learning-rate setting (section 3, Table 1).
 # Edit freely; every key can also be overridden on the command line: --key=value.
 out_dir = "out/small"
+init_from = "auto"  # the same command continues the run after a preemption or a restart
 data_dir = "data/openwebtext"
 wandb_run_name = "gpt2-small-lr6e-3"
 

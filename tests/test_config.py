@@ -36,6 +36,7 @@ def test_paper_configs_have_the_paper_settings(size):
     assert (cfg.max_steps, cfg.block_size, cfg.tokens_per_step, cfg.warmup_steps) == (70_000, 1024, 131_072, 2000)
     assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 0.1, 1.0)
     assert cfg.dtype == "bfloat16" and cfg.compile and cfg.ema_decay == 0.9
+    assert cfg.init_from == "auto"  # a requeued or restarted job continues with the same command
     # the same global batch on 1, 2, 4 or 8 GPUs: accumulation makes up the difference
     steps = {w: cfg.grad_accum_steps(w) for w in (1, 2, 4, 8)}
     assert all(s * w * cfg.micro_batch_size * cfg.block_size == 131_072 for w, s in steps.items())

@@ -119,10 +119,11 @@ class Background:
             while jobs:
                 jobs.pop(0).result()
 
-    def close(self) -> None:
-        """Stop the threads, after the work queued on them."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the threads, after the work queued on them (``wait``), or leave them to end
+        with the process (after a failure, a job may wait for a peer that is gone)."""
         for pool in self._lanes.values():
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=wait, cancel_futures=not wait)
         self._lanes.clear()
 
     def _lane(self, name: str) -> ThreadPoolExecutor:

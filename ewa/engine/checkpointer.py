@@ -75,8 +75,7 @@ class Checkpointer:
         self.cfg, self.states, self.layout, self.background, self.rt = cfg, states, layout, background, rt
         self.run_dir = Path(cfg.out_dir)
         self.model_config = json.dumps(model_config)
-        # the background writes' collectives get a gloo group of their own
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.group = rt.cpu_group  # the background writes' collectives: a gloo group of their own
         self.snapshot_buffers, self.resume_buffers = background.buffers(), background.buffers()
 
     def due(self, step: int, force: bool = False, stopping: bool = False) -> tuple[bool, bool]:
@@ -160,7 +159,7 @@ class Checkpointer:
             if self.rt.master:
                 atomic_write_text(tmp / "state.json", json.dumps(values))
             writer = FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
-            dcp.save(state, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+            dcp.save(state, storage_writer=writer, process_group=self.group, no_dist=not dist.is_initialized())
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"could not write the resume checkpoint {tmp}: {reason(e)}") from None
         if self.rt.master:

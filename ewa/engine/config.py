@@ -42,8 +42,8 @@ CHOICES = {
 class TrainConfig:
     # -- run ------------------------------------------------------------------------------------
     out_dir: str = "out/run"
-    # auto (resume if out_dir holds a run, else scratch: the same command continues a preempted run) |
-    # scratch | resume (continue out_dir) | gpt2, gpt2-medium, ... (Hugging Face weights) |
+    # scratch | auto (resume if out_dir holds a run, else scratch: the same command continues a
+    # preempted run) | resume (continue out_dir) | gpt2, gpt2-medium, ... (Hugging Face weights) |
     # a weights file or HF directory (weights only) | a run directory (branch from its resume
     # checkpoint at branch_step: the whole trainer state, into this out_dir)
     init_from: str = "scratch"

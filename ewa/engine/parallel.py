@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -87,7 +88,9 @@ def wrap(model: nn.Module, parallel: str, compile: bool, rt: Runtime) -> Wrapped
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [rt.device.index] if rt.device_type == "cuda" else None
-    ddp = DDP(compiled, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)  # buffers: constants
+    with warnings.catch_warnings():  # torch 2.13 renames the setting; the GPU machines' 2.11 knows this name only
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
+        ddp = DDP(compiled, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)  # buffers: constants
     return Wrapped(ddp, compiled, rt.autocast)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ewa.engine.config import ConfigError
+from ewa.engine.distributed import start_process_group
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class Runtime:
     world_size: int
     device: torch.device
     dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    store: dist.Store | None = None  # the process group's store (this attempt's namespace)
+    cpu_group: dist.ProcessGroup | None = None  # gloo, for the background checkpoint writes
 
     @property
     def distributed(self) -> bool:
@@ -116,17 +119,14 @@ def init_runtime(device: str = "auto", dtype: str = "auto", group: bool = False)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torchrun = "TORCHELASTIC_RUN_ID" in os.environ or world_size > 1
+    store = cpu_group = None
     if (torchrun or group) and not dist.is_initialized():
-        # collectives of CPU tensors (background checkpoint writes) go through gloo
+        # collectives of CPU tensors (background checkpoint writes, signals) go through gloo
         backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
-        lone = {} if torchrun else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(minutes=int(os.environ.get("EWA_DIST_TIMEOUT_MIN", 30))),
-            device_id=dev if dev.type == "cuda" else None,
-            **lone,
-        )
-    return Runtime(rank, local_rank, world_size, dev, _resolve_dtype(dtype, dev))
+        timeout = datetime.timedelta(minutes=int(os.environ.get("EWA_DIST_TIMEOUT_MIN", 30)))
+        device_id = dev if dev.type == "cuda" else None
+        store, cpu_group = start_process_group(backend, timeout, device_id, lone=not torchrun)
+    return Runtime(rank, local_rank, world_size, dev, _resolve_dtype(dtype, dev), store, cpu_group)
 
 
 def check_shared_dir(path: str | os.PathLike, rt: Runtime, wait_s: float = 5.0) -> None:
@@ -150,8 +150,9 @@ def check_shared_dir(path: str | os.PathLike, rt: Runtime, wait_s: float = 5.0) 
                           "wrote there): put it on storage that every node mounts")
 
 
-def shutdown(runtime: Runtime) -> None:
-    if dist.is_initialized():
+def shutdown(runtime: Runtime | None) -> None:
+    """The end of a run that did not fail (a failing rank leaves at once: ``exit_after_error``)."""
+    if runtime is not None and dist.is_initialized():
         dist.destroy_process_group()
 
 

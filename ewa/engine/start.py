@@ -26,7 +26,6 @@ from ewa.files import (
 from ewa.window import coefficients, window_mean, window_members
 from model import GPT, GPT2_SIZES
 
-
 # what a resumed run must share with the run it continues: the model and the data it sees
 RUN_SETTINGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "scale_attn_by_inverse_layer_idx",
                 "data_dir", "seed")

@@ -34,6 +34,7 @@ from ewa.engine.background import Background
 from ewa.engine.checkpointer import Checkpointer
 from ewa.engine.config import ConfigError, TrainConfig, load_config, save_config
 from ewa.engine.data import BatchSampler, DataError, data_meta, eval_windows, fingerprint, open_tokens
+from ewa.engine.distributed import exit_after_error
 from ewa.engine.evaluate import Evaluator
 from ewa.engine.logger import MetricsLogger, NonFiniteLoss, NullRun, TrainLog, open_wandb
 from ewa.engine.parallel import layout_of, wrap
@@ -253,6 +254,8 @@ class Trainer:
         return record, line
 
     def last_saved(self) -> str:
+        """The newest resume checkpoint, once the writes in flight are done (for an error)."""
+        self.background.wait()
         saved = self.checkpointer.resume_checkpoints()
         return f"the last resume checkpoint is step {max(saved)}" if saved else "no resume checkpoint was written"
 
@@ -261,9 +264,9 @@ class Trainer:
         self.rt.barrier()
         self.log.close()
 
-    def close(self) -> None:
-        """Stop the background threads (after their work) and close the logs."""
-        self.background.close()
+    def close(self, wait: bool = True) -> None:
+        """Stop the background threads (after their work, with ``wait``) and close the logs."""
+        self.background.close(wait)
         self.log.close()
 
 
@@ -293,35 +296,43 @@ class OptimizerState:
         set_optimizer_state_dict(self.model, self.optimizer, state)
 
 
-def run(cfg: TrainConfig) -> dict[str, float]:
-    """Train ``cfg`` in this process (under torchrun: as one rank); returns the last eval."""
-    runtime = init_runtime(cfg.device, cfg.dtype, group=cfg.parallel == "fsdp")
+def run(cfg: TrainConfig, runtime: Runtime | None = None) -> dict[str, float]:
+    """Train ``cfg`` in this process (under torchrun: as one rank); returns the last eval.
+    Without ``runtime``, starts the process's own and ends it."""
+    rt = runtime or init_runtime(cfg.device, cfg.dtype, group=cfg.parallel == "fsdp")
     trainer = None
     try:
-        trainer = Trainer(cfg, runtime)
+        trainer = Trainer(cfg, rt)
         if not trainer.fresh and trainer.step >= cfg.max_steps:
-            if runtime.master:
+            if rt.master:
                 print(f"{cfg.out_dir} is complete (step {trainer.step} of max_steps={cfg.max_steps}): nothing to train")
             return {}
         return trainer.fit()
     finally:
-        if trainer is not None:
-            trainer.close()
-        shutdown(runtime)
+        error = sys.exc_info()[1]
+        if trainer is not None:  # a failed rank does not wait for threads that may wait for a dead peer
+            trainer.close(wait=error is None or isinstance(error, Preempted) or not rt.distributed)
+        if runtime is None and (error is None or not rt.distributed):
+            shutdown(rt)
 
 
 def main(default_config: str, argv: list[str] | None = None, swa: bool = False) -> None:
-    """Entry point of the train_*.py scripts: ``[config.py] [--key=value ...]``. An error
-    is printed once, by rank 0; every rank exits with status 1."""
+    """Entry point of the train_*.py scripts: ``[config.py] [--key=value ...]``. An error is
+    printed once (``exit_after_error``); every rank exits with status 1."""
     argv = sys.argv[1:] if argv is None else argv
-    master = os.environ.get("RANK", "0") == "0"
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    runtime = None
     try:
         cfg = load_config(default_config, argv, **({"swa": True} if swa else {}))
         if swa and not any(a.startswith("--out_dir=") for a in argv):
             cfg = cfg.replace(out_dir=cfg.out_dir.rstrip("/") + "-swa")
-        run(cfg)
-    except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as e:
-        sys.exit(f"error: {e}" if master else 1)
+        runtime = init_runtime(cfg.device, cfg.dtype, group=cfg.parallel == "fsdp")
+        run(cfg, runtime)
     except Preempted as e:
-        if master:
+        if rank == 0:
             print(e)
+    except BaseException as e:
+        everywhere = isinstance(e, (ConfigError, DataError, NonFiniteLoss))  # raised alike on every rank
+        named = everywhere or isinstance(e, (CheckpointError, TimeoutError))
+        exit_after_error(e, rank if world > 1 else None, runtime and runtime.store, everywhere, named)
+    shutdown(runtime)
