@@ -47,7 +47,7 @@ def command(sub, name: str, help: str, run, evaluates: bool = True) -> argparse.
     p = sub.add_parser(name, help=help)
     p.set_defaults(run=run)
     if evaluates:
-        cli.add_eval_flags(p)
+        cli.add_flags(p, cli.EvalOptions)
     p.add_argument("--out_dir", help="where the table, records and plot go (default: the run directory)")
     p.add_argument("--wandb_log", action="store_true", help="also log the figures into the run's wandb run")
     return p
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     a = command(sub, "ablation", "LAWA val loss over a grid of k and nu (appendix A.1)", lambda a: analyze_ablation(
-        a.path, a.k, a.nu, a.interval, a.start, a.end, cli.eval_options(a), output(a)))
+        a.path, a.k, a.nu, a.interval, a.start, a.end, cli.from_args(cli.EvalOptions, a), output(a)))
     a.add_argument("path", help="a run directory, or a folder of checkpoints named by step")
     a.add_argument("--k", type=cli.int_list(1), default="2,5,10", help="checkpoints per window, e.g. 2,5,10 (default)")
     a.add_argument("--nu", type=cli.int_list(1),
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--end", type=cli.integer(0), help="last evaluation step (default: the last checkpoint)")
 
     m = command(sub, "lmc", "val loss along the line between two checkpoints (appendix A.3)",
-                lambda a: analyze_lmc(a.path, a.a, a.b, a.alphas, cli.eval_options(a), output(a)))
+                lambda a: analyze_lmc(a.path, a.a, a.b, a.alphas, cli.from_args(cli.EvalOptions, a), output(a)))
     m.add_argument("path", help="a run directory, or a folder of checkpoints: the evaluation data and --a/--b steps")
     m.add_argument("--a", required=True, help="θa (alpha = 1): a step of PATH, or a checkpoint file / directory")
     m.add_argument("--b", required=True, help="θb (alpha = 0): a step of PATH, or a checkpoint file / directory")
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights of θa to evaluate (default 0,0.2,...,1); 0 and 1 are always added")
 
     d = command(sub, "diversity", "top-1 disagreement between checkpoints vs their distance (section 2.2)",
-                lambda a: analyze_diversity(a.paths, a.anchors, a.distances, cli.eval_options(a), output(a)))
+                lambda a: analyze_diversity(a.paths, a.anchors, a.distances, cli.from_args(cli.EvalOptions, a),
+                                            output(a)))
     d.add_argument("paths", nargs="+", help="one or more run directories (e.g. a high-LR and a low-LR run)")
     d.add_argument("--anchors", type=cli.int_list(0),
                    help="steps t of the pairs (t, t + d) (default: a quarter and half of the run)")
@@ -98,28 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
     spike_flags(s)
 
     r = command(sub, "recover", "restart before a loss spike from the raw checkpoint and from the LAWA average",
-                lambda a: analyze_recovery(a.path, a.spike, a.at, a.steps, cli.window_settings(a), a.reset_optimizer,
-                                           a.window, Threshold.parse(a.threshold), output(a)), evaluates=False)
+                lambda a: analyze_recovery(a.path, a.spike, a.at, a.steps, cli.from_args(cli.WindowSettings, a),
+                                           a.reset_optimizer, a.window, Threshold.parse(a.threshold), output(a)),
+                evaluates=False)
     r.add_argument("path", help="a training run directory with resume checkpoints and raw snapshots before the spike")
     r.add_argument("--spike", type=cli.integer(1), help="the spike's eval step (default: the first spike found)")
     r.add_argument("--at", type=cli.integer(0), help="the restart step (default: the latest before the spike with a "
                    "resume checkpoint and a complete LAWA window)")
     r.add_argument("--steps", type=cli.integer(1),
                    help="steps to train each restart (default: to ten evals past the spike)")
-    cli.add_window_flags(r)
+    cli.add_flags(r, cli.WindowSettings, "k", "nu", "weights")
     r.add_argument("--reset_optimizer", action="store_true", help="restart both with a fresh AdamW state")
     spike_flags(r)
 
     z = command(sub, "zeroshot", "zero-shot lm-eval tasks of raw, EMA, SWA and LAWA models (Table 2)",
-                lambda a: analyze_zero_shot(a.path, a.tasks, a.include_path, a.steps, cli.window_settings(a), a.limit,
-                                            a.batch_size, cli.eval_options(a), output(a)))
+                lambda a: analyze_zero_shot(a.path, a.tasks, a.include_path, a.steps,
+                                            cli.from_args(cli.WindowSettings, a), a.limit, a.batch_size,
+                                            cli.from_args(cli.EvalOptions, a), output(a)))
     z.add_argument("path", help="a run directory (its EMA snapshots, SWA's of <run>-swa), or a folder of checkpoints")
     z.add_argument("--tasks", type=lambda text: [t for t in text.split(",") if t], required=True,
                    help="lm-eval task names, e.g. shakespeare_word_order,shakespeare_passages")
     z.add_argument("--include_path", help="folder of task YAMLs of your own (e.g. data/shakespeare/tasks)")
     z.add_argument("--steps", type=cli.int_list(0),
                    help="steps to score (default: nearest 25, 50, 75 and 100%% of the run)")
-    cli.add_window_flags(z)
+    cli.add_flags(z, cli.WindowSettings, "k", "nu", "weights")
     z.add_argument("--limit", type=cli.integer(1), help="examples per task (default: all)")
     z.add_argument("--batch_size", type=cli.integer(1), default=8, help="sequences per forward pass (default: 8)")
     return p

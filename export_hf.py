@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("source", help="a snapshot, an average of lawa.py --save_dir, a run directory, or a nanoGPT ckpt.pt")
     p.add_argument("out_dir", help="the Hugging Face directory to write (must not exist)")
     p.add_argument("--step", type=int, help="for a run directory: the snapshot's step (default: the latest)")
-    p.add_argument("--kind", default="raw", help="for a run directory: which snapshots: raw (default), ema, ema_<decay>, swa")
+    p.add_argument("--kind", default="raw",
+                   help="for a run directory: which snapshots: raw (default), ema, ema_<decay>, swa")
     p.add_argument("--data_dir", help="the data the model was trained on: its meta.json names the tokenizer")
     p.add_argument("--tokenizer", choices=["bytes", "gpt2"], help="the tokenizer, instead of --data_dir")
     p.add_argument("--shard_size", type=int, default=5 * 10**9, help="bytes per safetensors shard (default: 5 GB)")

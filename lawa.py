@@ -16,17 +16,14 @@ from ewa.tools.lawa import evaluate_run
 def main(argv: list[str] | None = None) -> list[dict]:
     p = cli.parser("lawa.py", __doc__)
     p.add_argument("path", help="a run directory, or a folder of checkpoints named by step")
-    cli.add_window_flags(p)
-    p.add_argument("--interval", type=int, help="steps between windows (default: lawa_interval)")
-    p.add_argument("--start", type=int, help="first window step (default: lawa_start)")
-    p.add_argument("--end", type=int, help="last window step (default: the last checkpoint)")
-    cli.add_eval_flags(p)
+    cli.add_flags(p, cli.WindowSettings)
+    cli.add_flags(p, cli.EvalOptions)
     p.add_argument("--save_dir", help="also write each averaged checkpoint here (safetensors)")
     p.add_argument("--out", help="JSONL of the results (default: <run>/lawa_k<k>_nu<nu>.jsonl)")
     p.add_argument("--wandb_log", action="store_true", help="log into the run's wandb run (a new one for a folder)")
     p.add_argument("--wandb_run_name", default="", help="name of a new wandb run (default: wandb's)")
     a = p.parse_args(argv)
-    window, options = cli.window_settings(a), cli.eval_options(a)
+    window, options = cli.from_args(cli.WindowSettings, a), cli.from_args(cli.EvalOptions, a)
     return cli.exit_on_error(lambda: evaluate_run(a.path, window, options, a.save_dir, a.out, a.wandb_log,
                                                   a.wandb_run_name))
 

@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> Settings:
                    help="offline LAWA variants as KxNU pairs (default: 5x10,5x20)")
     p.add_argument("--cooldown_at", type=fractions, default=d.cooldown_at,
                    help="fractions of training to branch cooldowns at, or ''")
-    p.add_argument("--cooldown_fraction", type=float, default=d.cooldown_fraction, help="cooldown length / t (default: %(default)s)")
+    p.add_argument("--cooldown_fraction", type=float, default=d.cooldown_fraction,
+                   help="cooldown length / t (default: %(default)s)")
     p.add_argument("--lr_compare", action="store_true", help="also run at a tenth of the learning rate (Figure 2)")
     p.add_argument("--wsd", action="store_true",
                    help="also merge versus decay: a constant-LR run, its uniform and 1-sqrt merges against cooldowns")

@@ -311,15 +311,9 @@ def hf_weight_files(folder: Path) -> list[Path]:
 
 def gpt2_config_from_hf(hf: dict) -> dict:
     """``model.GPTConfig`` fields of a Hugging Face GPT-2 config.json."""
-    return {
-        "block_size": hf["n_positions"],
-        "vocab_size": hf["vocab_size"],
-        "n_layer": hf["n_layer"],
-        "n_head": hf["n_head"],
-        "n_embd": hf["n_embd"],
-        "bias": True,
-        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
-    }
+    return {"block_size": hf["n_positions"], "vocab_size": hf["vocab_size"], "n_layer": hf["n_layer"],
+            "n_head": hf["n_head"], "n_embd": hf["n_embd"], "bias": True,
+            "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False)}
 
 
 def model_config_of(weights: Weights) -> dict | None:

@@ -37,7 +37,11 @@ ONE_THREAD = 1 << 14  # elements per piece that torch's CPU ops process on the c
 
 
 class Averager:
-    """An average of the rank's share (see the module docstring for the interface)."""
+    """An average of the rank's share. Each kind has ``reset(share)`` (start again from the
+    current weights), ``acts(step)``, ``update(share, step)``, ``averaged(step)`` (the flat fp32
+    average, or None when there is none at that step), ``state_dict()`` (its buffers and
+    counters) and ``load_state_dict(state)`` (the counters: the buffers, its own, are loaded in
+    place)."""
 
     def __init__(self, shares: Shares, device: torch.device, pin: bool):
         self.shares, self.device, self.pin = shares, device, pin
@@ -45,25 +49,6 @@ class Averager:
     def _buffer(self) -> tuple[torch.Tensor, Pieces]:
         flat = self.shares.alloc(self.device, self.pin)
         return flat, self.shares.split(flat)
-
-    def reset(self, share: Pieces) -> None:
-        raise NotImplementedError
-
-    def acts(self, step: int) -> bool:
-        raise NotImplementedError
-
-    def update(self, share: Pieces, step: int) -> None:
-        raise NotImplementedError
-
-    def averaged(self, step: int) -> torch.Tensor | None:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The counters of ``state``; its buffers are this averager's own, loaded in place."""
-        raise NotImplementedError
 
 
 class EMA(Averager):

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ewa.files import atomic_write_text
 from ewa.window import merge_weights
 from model import ATTENTION_BACKENDS, GPTConfig
 
@@ -126,13 +127,11 @@ class TrainConfig:
             "lawa_interval swa_every"
         ).split()
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+            self._check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
         non_negative = ("vocab_size warmup_steps lr_decay_steps cooldown_steps max_snapshots keep_resume loss_chunk_rows "
                         "lawa_start swa_anneal_steps learning_rate min_lr grad_clip").split()
         for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
+            self._check(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must not be negative")
         self._check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         per_step = self.micro_batch_size * self.block_size
         self._check(
@@ -280,7 +279,7 @@ def _parse_value(name: str, text: str, type_name: str) -> Any:
 def _unknown_key(key: str, where: str) -> ConfigError:
     names = [f.name for f in fields(TrainConfig)]
     close = difflib.get_close_matches(key, names, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see ewa/config.py for every key"
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see ewa/engine/config.py for every key"
     return ConfigError(f"{where}: unknown config key {key!r}{hint}")
 
 
@@ -335,8 +334,6 @@ def load_config(default_file: str | os.PathLike, argv: list[str] | None = None, 
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
-    from ewa.files import atomic_write_text
-
     atomic_write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")
 
 

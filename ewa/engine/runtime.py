@@ -34,11 +34,6 @@ class Runtime:
         return self.world_size > 1
 
     @property
-    def grouped(self) -> bool:
-        """Whether a process group is up (always under torchrun, and for FSDP)."""
-        return dist.is_initialized()
-
-    @property
     def master(self) -> bool:
         return self.rank == 0
 
@@ -52,11 +47,11 @@ class Runtime:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
     def barrier(self) -> None:
-        if self.grouped and self.distributed:
+        if self.distributed:
             dist.barrier()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.grouped and self.distributed:
+        if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 

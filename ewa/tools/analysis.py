@@ -57,14 +57,11 @@ def val_loss(model: GPT, evaluator: Evaluator, weights: Tensors) -> float:
 @dataclass
 class AblationPlan:
     steps: list[int]  # the evaluation steps that have a raw checkpoint
-    windows: dict[tuple[int, int], list[Window]]  # (k, nu) -> its windows on those steps
-
-    def complete_windows(self, setting: tuple[int, int]) -> list[Window]:
-        return [w for w in self.windows[setting] if w.complete]
+    windows: dict[tuple[int, int], list[Window]]  # (k, nu) -> its complete windows on those steps
 
     @property
     def evaluations(self) -> int:
-        return len(self.steps) + sum(len(self.complete_windows(s)) for s in self.windows)
+        return len(self.steps) + sum(map(len, self.windows.values()))
 
 
 @dataclass
@@ -78,32 +75,29 @@ def plan_ablation(paths: dict[int, Path], settings: list[tuple[int, int]], inter
                   end: int) -> AblationPlan:
     """The raw model at start, start + interval, ... <= end, and every (k, nu)'s windows there."""
     steps = [s for s in range(start, end + 1, interval) if s in paths]
-    windows = {s: plan_windows(list(paths), interval, *s, start=start, end=end) for s in settings}
-    plan = AblationPlan(steps, windows)
-    empty = [f"k={k} nu={nu}" for k, nu in settings if not plan.complete_windows((k, nu))]
-    if empty:
+    windows = {s: [w for w in plan_windows(list(paths), interval, *s, start=start, end=end) if w.complete]
+               for s in settings}
+    if empty := [f"k={k} nu={nu}" for k, nu in settings if not windows[k, nu]]:
         spacing = snapshot_spacing(paths)
         raise InputError(f"no complete LAWA window for {', '.join(empty)} between steps {start} and {end}: the "
                          f"checkpoints are {spacing} steps apart, so --nu must be a multiple of {spacing}, --interval "
                          f"a multiple of {spacing} and (k-1)*nu at most the last step, {end}")
-    return plan
+    return AblationPlan(steps, windows)
 
 
 def run_ablation(paths: dict[int, Path], plan: AblationPlan, model: GPT, evaluator: Evaluator,
                  tick: Tick = lambda: None) -> Ablation:
     """Raw loss once per step, then each (k, nu)'s windows in streaming order, so that one
     float64 sum slides through them (each checkpoint read about twice per (k, nu))."""
-    Merger(paths).check(step for s in plan.windows for w in plan.complete_windows(s) for step in w.members)
-    raw = {}
+    Merger(paths).check(step for windows in plan.windows.values() for w in windows for step in w.members)
+    result = Ablation({}, {}, 0)
     for step in plan.steps:
-        raw[step] = val_loss(model, evaluator, load_weights(paths[step]))
+        result.raw[step] = val_loss(model, evaluator, load_weights(paths[step]))
         tick()
-    result = Ablation(raw, {}, 0)
-    for k, nu in plan.windows:
+    for (k, nu), windows in plan.windows.items():
         merger = Merger(paths, evaluator.runtime.device)
         curve = {}
-        windows = streaming_order(plan.complete_windows((k, nu)), nu)
-        for window, average, _ in stream_averages(windows, merger, with_raw=False):
+        for window, average, _ in stream_averages(streaming_order(windows, nu), merger, with_raw=False):
             curve[window.step] = val_loss(model, evaluator, average)
             tick()
         result.lawa[k, nu] = dict(sorted(curve.items()))
@@ -211,10 +205,8 @@ def run_diversity(runs: list[DiversityRun], pairs: list[tuple[int, int]], tick: 
             run.model.load_weights(load_weights(run.paths[step]))
             preds[step] = predictions(run.model, run.evaluator)
             tick()
-        for a, b in pairs:
-            if a in preds and b in preds:
-                records.append({"kind": "diversity", "run": run.label, "a": a, "b": b, "distance": b - a,
-                                "disagreement": disagreement(preds[a], preds[b])})
+        records += [{"kind": "diversity", "run": run.label, "a": a, "b": b, "distance": b - a,
+                     "disagreement": disagreement(preds[a], preds[b])} for a, b in pairs if a in preds and b in preds]
     return records
 
 
@@ -252,8 +244,7 @@ def trend(series: Curve, window: int) -> dict[int, float]:
         raise InputError(f"--window={window}: must be at least 1")
     steps, out = sorted(series), {}
     for i, step in enumerate(steps):
-        previous = [series[s] for s in steps[max(0, i - window) : i] if math.isfinite(series[s])]
-        if previous:
+        if previous := [series[s] for s in steps[max(0, i - window) : i] if math.isfinite(series[s])]:
             out[step] = statistics.median(previous)
     return out
 
@@ -299,13 +290,10 @@ def averaged_snapshots(run_dir: Path | None) -> dict[str, dict[int, Path]]:
     SWA's from its ``-swa`` branch (where train_swa.py writes)."""
     if run_dir is None:
         return {}
-    folders = {kind: [run_dir / "snapshots" / kind] for kind in snapshot_kinds(run_dir) if kind != "raw"}
-    folders["swa"] = [run_dir / "snapshots" / "swa", run_dir.with_name(run_dir.name + "-swa") / "snapshots" / "swa"]
-    found: dict[str, dict[int, Path]] = {}
-    for kind, candidates in folders.items():
-        for folder in candidates:
-            if folder.is_dir():
-                found[kind] = {**list_checkpoints(folder), **found.get(kind, {})}
+    found = {kind: list_checkpoints(run_dir / "snapshots" / kind) for kind in snapshot_kinds(run_dir) if kind != "raw"}
+    branch = run_dir.with_name(run_dir.name + "-swa") / "snapshots" / "swa"
+    if branch.is_dir():  # at a step in both, the run's own SWA snapshot wins
+        found["swa"] = {**list_checkpoints(branch), **found.get("swa", {})}
     return found
 
 

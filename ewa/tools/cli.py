@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from ewa.engine.config import ConfigError, TrainConfig
 from ewa.engine.data import DataError
@@ -60,16 +60,21 @@ def int_list(minimum: int) -> Callable[[str], list[int]]:
     return lambda text: [integer(minimum)(x) for x in text.split(",")]
 
 
+def flag(text: str, parse: Callable[[str], Any] | None = None, default: Any = None) -> Any:
+    """A record's field that ``add_flags`` defines as the flag ``--<field>``, with ``text`` as its help."""
+    return field(default=default, metadata={"help": text, "type": parse})
+
+
 @dataclass(frozen=True)
 class WindowSettings:
     """The LAWA window asked for on the command line; None keeps the run's setting (lawa_k, ...)."""
 
-    k: int | None = None
-    nu: int | None = None
-    weights: str | None = None
-    interval: int | None = None
-    start: int | None = None
-    end: int | None = None
+    k: int | None = flag("checkpoints per window (default: the run's lawa_k)", integer(1))
+    nu: int | None = flag("steps between the window's checkpoints (default: the run's lawa_nu)", integer(1))
+    weights: str | None = flag("the merge: uniform, 1-sqrt, cosine or ema:<a> (default: the run's lawa_weights)")
+    interval: int | None = flag("steps between windows (default: lawa_interval)", int)
+    start: int | None = flag("first window step (default: lawa_start)", int)
+    end: int | None = flag("last window step (default: the last checkpoint)", int)
 
     def plan(self, cfg: TrainConfig) -> WindowPlan:
         """The window plan asked for, with the run's settings where none is given."""
@@ -78,46 +83,30 @@ class WindowSettings:
         return WindowPlan(**(run | {k: v for k, v in vars(self).items() if v is not None}))
 
 
-def add_window_flags(p: argparse.ArgumentParser) -> None:
-    """The LAWA window (lawa.py and analyze.py), each the run's setting by default."""
-    p.add_argument("--k", type=integer(1), help="checkpoints per window (default: the run's lawa_k)")
-    p.add_argument("--nu", type=integer(1), help="steps between the window's checkpoints (default: the run's lawa_nu)")
-    p.add_argument("--weights", help="the merge: uniform, 1-sqrt, cosine or ema:<a> (default: the run's lawa_weights)")
-
-
-def window_settings(args: argparse.Namespace) -> WindowSettings:
-    """The window flags given (``add_window_flags``; --interval, --start and --end where the script has them)."""
-    return WindowSettings(**{f.name: getattr(args, f.name, None) for f in fields(WindowSettings)})
-
-
 @dataclass(frozen=True)
 class EvalOptions:
     """Which snapshots of a run directory to read and how to evaluate them; None keeps the run's setting."""
 
-    kind: str = "raw"
-    config: str | None = None  # a run's config.json or a config file, for a folder that is not a run
-    data_dir: str | None = None
-    eval_tokens: int | None = None
-    eval_batch_size: int | None = None
-    device: str | None = None
-    dtype: str | None = None
+    kind: str = flag("which snapshots of a run directory: raw (default), ema, ema_<decay>, swa", default="raw")
+    config: str | None = flag("config.json of a run, or a config file, for a folder that is not a run")
+    data_dir: str | None = flag("evaluation data (default: the run's)")
+    eval_tokens: int | None = flag("held-out tokens (default: the run's)", int)
+    eval_batch_size: int | None = flag("sequences per forward pass (default: the run's)", int)
+    device: str | None = flag("auto, cpu, cuda (default: the run's)")
+    dtype: str | None = flag("auto, bfloat16, float32 (default: the run's)")
 
     def overrides(self) -> dict[str, object]:
         """The evaluation settings given, as changes to the run's config."""
         return {k: v for k, v in vars(self).items() if k not in ("kind", "config") and v is not None}
 
 
-def add_eval_flags(p: argparse.ArgumentParser) -> None:
-    """Which snapshots to read and how to evaluate them (lawa.py and analyze.py)."""
-    p.add_argument("--kind", default="raw", help="which snapshots of a run directory: raw (default), ema, ema_<decay>, swa")
-    p.add_argument("--config", help="config.json of a run, or a config file, for a folder that is not a run")
-    p.add_argument("--data_dir", help="evaluation data (default: the run's)")
-    p.add_argument("--eval_tokens", type=int, help="held-out tokens (default: the run's)")
-    p.add_argument("--eval_batch_size", type=int, help="sequences per forward pass (default: the run's)")
-    p.add_argument("--device", help="auto, cpu, cuda (default: the run's)")
-    p.add_argument("--dtype", help="auto, bfloat16, float32 (default: the run's)")
+def add_flags(p: argparse.ArgumentParser, record: type, *only: str) -> None:
+    """The flags of ``record``'s fields (``WindowSettings``, ``EvalOptions``), or of those named in ``only``."""
+    for f in fields(record):
+        if f.name in (only or [f.name]):
+            p.add_argument(f"--{f.name}", type=f.metadata["type"], default=f.default, help=f.metadata["help"])
 
 
-def eval_options(args: argparse.Namespace) -> EvalOptions:
-    """The evaluation flags given (``add_eval_flags``)."""
-    return EvalOptions(**{f.name: getattr(args, f.name) for f in fields(EvalOptions)})
+def from_args(record: type[T], args: argparse.Namespace) -> T:
+    """``record`` with the flags given for its fields (None for a field the script has no flag of)."""
+    return record(**{f.name: getattr(args, f.name, None) for f in fields(record)})

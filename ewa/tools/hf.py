@@ -40,7 +40,6 @@ from ewa.files import (
     save_safetensors,
 )
 from ewa.tools.cli import InputError
-
 from ewa.tools.merge import Evaluation, TensorStream
 from ewa.tools.report import markdown_table
 from ewa.tools.tokenizer import local_gpt2_files
@@ -209,9 +208,7 @@ def run_data_dir(source: Path) -> str:
     """The data_dir of the nearest config.json beside SOURCE or above it that names one (a
     relative one is the working directory's, as in training and lawa.py); configs further up
     are not read."""
-    for config in (p / "config.json" for p in [source, *source.parents]):
-        if not config.is_file():
-            continue
+    for config in filter(Path.is_file, (p / "config.json" for p in [source, *source.parents])):
         try:
             saved = json.loads(config.read_text())
         except ValueError as e:
@@ -280,8 +277,7 @@ def copy_into_hf_model(model: PreTrainedModel, tensors: TensorStream, origin: st
             raise CheckpointError(f"{origin}: {name} has shape {tuple(tensor.shape)}, the model {tuple(target.shape)}")
         target.copy_(tensor)
         written.add(target.untyped_storage().data_ptr())
-    missing = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in written]
-    if missing:
+    if missing := [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in written]:
         raise CheckpointError(f"{origin}: no weights for {missing[:3]} of the model (another architecture, or "
                               "weights transformers converts on load); evaluate averages written with --save_dir")
 
@@ -379,8 +375,7 @@ def task_manager(include_path: str | None, tasks: list[str]):
         if all(t in own.all_tasks for t in tasks):
             return own
     manager = TaskManager(include_path=include_path)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
+    if unknown := [t for t in tasks if t not in manager.all_tasks]:
         raise InputError(f"--tasks {' '.join(unknown)}: unknown to lm-eval (list them with `lm_eval ls tasks`; "
                          "tasks of your own need --include_path)")
     return manager
@@ -406,20 +401,14 @@ def zero_shot_evaluation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 def task_metrics(results: dict) -> dict[str, dict[str, float]]:
     """Per task, lm-eval's numeric metrics under plain names (``acc``, ``acc_stderr``, ...)."""
-    return {
-        task: {key.removesuffix(",none"): v for key, v in values.items() if "," in key and isinstance(v, (int, float))}
-        for task, values in results["results"].items()
-    }
+    return {task: {k.removesuffix(",none"): v for k, v in values.items() if "," in k and isinstance(v, (int, float))}
+            for task, values in results["results"].items()}
 
 
 def primary_metric(metrics: dict[str, float]) -> str | None:
     """The figure the paper's Table 2 reports: accuracy, or word perplexity for wikitext (None:
     the task reported no figure but standard errors)."""
     return next((m for m in (*PRIMARY_METRICS, *metrics) if m in metrics and "stderr" not in m), None)
-
-
-def _step_label(step: int) -> str:
-    return f"{step // 1000}K" if step % 1000 == 0 else str(step)
 
 
 def _base_kind(kind: str) -> str:
@@ -431,9 +420,8 @@ def zero_shot_table(records: list[dict], lawa_label: str = "LAWA") -> str:
     """Markdown in the shape of the paper's Table 2, a column per kind of model (LAWA, SWA,
     EMA, Original; ``lawa_label`` heads LAWA's, e.g. ``LAWA 1-sqrt``); the best value of each
     row in bold. Kinds without a column, and tasks that report no figure, are left out."""
-    order = list(KIND_COLUMNS)
     kinds = sorted({r["kind"] for r in records if _base_kind(r["kind"]) in KIND_COLUMNS},
-                   key=lambda k: (order.index(_base_kind(k)), k))
+                   key=lambda k: (list(KIND_COLUMNS).index(_base_kind(k)), k))
     by_row: dict[tuple[str, int, str], dict[str, dict]] = {}
     for r in records:
         by_row.setdefault((r["model"], r["step"], r["task"]), {})[r["kind"]] = r
@@ -447,12 +435,11 @@ def zero_shot_table(records: list[dict], lawa_label: str = "LAWA") -> str:
             continue
         higher = reference["higher_is_better"].get(metric, True)
         scale = 100 if metric in PERCENT_METRICS else 1
-        shown = {k: by_kind[k]["metrics"] for k in kinds if k in by_kind}
-        values = {k: metrics[metric] * scale for k, metrics in shown.items() if metric in metrics}
+        values = {k: r["metrics"][metric] * scale for k, r in by_kind.items() if k in kinds and metric in r["metrics"]}
         best = (max if higher else min)(values.values())
         bold = len(set(values.values())) > 1
         cells = ["" if k not in values else f"**{values[k]:.2f}**" if bold and values[k] == best else f"{values[k]:.2f}"
                  for k in kinds]
         label = f"{task} ({metric}{', %' if scale == 100 else ''}{'' if higher else ', lower is better'})"
-        rows.append([Path(model).name, _step_label(step), label, *cells])
+        rows.append([Path(model).name, f"{step // 1000}K" if step % 1000 == 0 else str(step), label, *cells])
     return markdown_table(header, rows, left=(0, 2), padded=False) + "\n"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
@@ -32,7 +32,7 @@ from ewa.files import (
     snapshot_name,
 )
 from ewa.tools.cli import EvalOptions, WindowSettings
-from ewa.tools.merge import Evaluation, Merger, TensorStream, WindowPlan, score_models, streaming_order
+from ewa.tools.merge import Merger, TensorStream, WindowPlan, score_models, streaming_order
 from ewa.tools.report import load_run, read_run_config
 from ewa.window import Window
 from model import GPT, GPTConfig
@@ -75,7 +75,8 @@ def open_checkpoints(path: str | Path, options: EvalOptions | None = None) -> Ch
     folder = snapshot_dir(run_dir, options.kind) if run_dir else path
     paths = run_snapshots(run_dir, options.kind) if run_dir else list_checkpoints(folder)
     if not paths:
-        raise CheckpointError(f"{folder}: no checkpoints found (expected files named by step, e.g. step_00001000.safetensors)")
+        raise CheckpointError(f"{folder}: no checkpoints found "
+                              "(expected files named by step, e.g. step_00001000.safetensors)")
     cfg = eval_config(options.config, run_dir).replace(**options.overrides())
     shape = model_config_of(Weights(paths[min(paths)]))
     if shape is None:
@@ -99,23 +100,14 @@ def build_evaluator(ckpts: Checkpoints, runtime: Runtime | None = None) -> tuple
     return model, Evaluator(windows, cfg.eval_batch_size, local), fingerprint(windows)
 
 
-def token_loss_evaluation(model: GPT, evaluator: Evaluator) -> Evaluation:
-    """The token-bin evaluation: val loss on the run's fixed held-out windows."""
-    return lambda: [{"loss": evaluator.loss(model)}]
-
-
-def saver(save_dir: str, ckpts: Checkpoints) -> Callable[[Window, TensorStream], Path]:
-    """``save(window, average)`` for ``Merger.models``: ``save_dir/step_<t>.safetensors``, which
-    ``--init_from`` and ``GPT.from_pretrained`` load."""
-
-    def save(window: Window, average: TensorStream) -> Path:
-        path = Path(save_dir) / snapshot_name(window.step)
-        meta = {"step": str(window.step), "kind": "lawa", "members": json.dumps(list(window.members)),
-                "model_config": json.dumps(dataclasses.asdict(ckpts.model_config))}
-        save_safetensors(path, average, meta)
-        return path
-
-    return save
+def save_average(save_dir: str, ckpts: Checkpoints, window: Window, average: TensorStream) -> Path:
+    """``Merger.models``'s ``save`` (with save_dir and ckpts bound): ``save_dir/step_<t>.safetensors``,
+    which ``--init_from`` and ``GPT.from_pretrained`` load."""
+    path = Path(save_dir) / snapshot_name(window.step)
+    meta = {"step": str(window.step), "kind": "lawa", "members": json.dumps(list(window.members)),
+            "model_config": json.dumps(dataclasses.asdict(ckpts.model_config))}
+    save_safetensors(path, average, meta)
+    return path
 
 
 def lawa_losses(windows: list[Window], ckpts: Checkpoints, model: GPT, evaluator: Evaluator, weights: str = "uniform",
@@ -124,28 +116,20 @@ def lawa_losses(windows: list[Window], ckpts: Checkpoints, model: GPT, evaluator
     optionally saving each average (and then scoring the file written)."""
     merger = Merger(ckpts.paths, evaluator.runtime.device, weights=weights)
     bar = (lambda it: tqdm(it, desc="LAWA windows", unit="win")) if show_progress else iter
-    models = merger.models(windows, save=saver(save_dir, ckpts) if save_dir else None, progress=bar)
-
-    def load(tensors: TensorStream, origin: str) -> None:
-        model.load_weights(dict(tensors))
-
+    models = merger.models(windows, save=partial(save_average, save_dir, ckpts) if save_dir else None, progress=bar)
+    scored = score_models(models, lambda tensors, origin: model.load_weights(dict(tensors)),
+                          lambda: [{"loss": evaluator.loss(model)}], RUN_KINDS)
     rows: dict[int, dict] = {}
-    for r in score_models(models, load, token_loss_evaluation(model, evaluator), RUN_KINDS):
+    for r in scored:
         rows.setdefault(r["step"], {"kind": "lawa", "step": r["step"], "members": r["members"]})[r["kind"]] = r["loss"]
     return list(rows.values())
 
 
 def lawa_table(results: list[dict], skipped: list[Window]) -> str:
-    lines = [f"{'step':>8} | {'raw':>8} | {'LAWA':>8} | {'delta':>8}", "-" * 41]
-    rows = {r["step"]: r for r in results}
-    for step in sorted(rows.keys() | {w.step for w in skipped}):
-        if step in rows:
-            r = rows[step]
-            lines.append(f"{step:>8} | {r['raw']:8.4f} | {r['lawa']:8.4f} | {r['lawa'] - r['raw']:+8.4f}")
-        else:
-            w = next(w for w in skipped if w.step == step)
-            lines.append(f"{step:>8} | skipped: no checkpoint at step(s) {', '.join(map(str, w.missing))}")
-    return "\n".join(lines)
+    cells = {w.step: f"skipped: no checkpoint at step(s) {', '.join(map(str, w.missing))}" for w in skipped}
+    cells |= {r["step"]: f"{r['raw']:8.4f} | {r['lawa']:8.4f} | {r['lawa'] - r['raw']:+8.4f}" for r in results}
+    header = f"{'step':>8} | {'raw':>8} | {'LAWA':>8} | {'delta':>8}"
+    return "\n".join([header, "-" * 41, *(f"{step:>8} | {cells[step]}" for step in sorted(cells))])
 
 
 def check_fingerprint(ckpts: Checkpoints, eval_fp: str) -> None:
@@ -173,9 +157,8 @@ def lawa_windows(ckpts: Checkpoints, plan: WindowPlan) -> tuple[list[Window], li
         raise CheckpointError(f"{ckpts.folder}: no LAWA window fits (k={plan.k}, nu={plan.nu}, start={plan.start})")
     complete = streaming_order([w for w in windows if w.complete], plan.nu)
     if not complete:
-        w = windows[0]
-        raise CheckpointError(f"{ckpts.folder}: every LAWA window lacks checkpoints (the one at step {w.step} "
-                              f"lacks steps {list(w.missing)}); choose nu a multiple of the snapshot interval")
+        raise CheckpointError(f"{ckpts.folder}: every LAWA window lacks checkpoints (the one at step {windows[0].step} "
+                              f"lacks steps {list(windows[0].missing)}); choose nu a multiple of the snapshot interval")
     Merger(ckpts.paths).check(s for w in complete for s in w.members)
     return windows, complete
 

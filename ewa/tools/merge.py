@@ -39,7 +39,7 @@ from ewa.window import PlanError, Window, coefficients, finish, fold, merge_weig
 Tensors = dict[str, torch.Tensor]
 TensorStream = Iterable[tuple[str, torch.Tensor]]  # (name, tensor) pairs, read as they are needed
 # An evaluation scores the model it was built around, as loaded now: one record per held-out set
-# (the run's token windows, a text file, an lm-eval task). Token-bin loss (lawa.token_loss_evaluation),
+# (the run's token windows, a text file, an lm-eval task). Token-bin loss (lawa.lawa_losses),
 # text perplexity (hf.perplexity_evaluation) and zero-shot tasks (hf.zero_shot_evaluation) have this shape.
 Evaluation = Callable[[], list[dict[str, Any]]]
 # A merged model: its window, its role ("newest": the window's own checkpoint at t, "average":
@@ -59,11 +59,8 @@ def plan_windows(available: Iterable[int], interval: int, k: int, nu: int, start
     end = max(have) if end is None else end
     first = max(start, (k - 1) * nu)
     first += (start - first) % interval  # keep t on the start + m * interval grid
-    windows = []
-    for t in range(first, end + 1, interval):
-        members = window_members(t, k, nu)
-        windows.append(Window(t, members, tuple(s for s in members if s not in have)))
-    return windows
+    members = {t: window_members(t, k, nu) for t in range(first, end + 1, interval)}
+    return [Window(t, m, tuple(s for s in m if s not in have)) for t, m in members.items()]
 
 
 @dataclass(frozen=True)
@@ -98,8 +95,7 @@ class WindowPlan:
         if not self.steps:
             return windows
         by_step = {w.step: w for w in windows}
-        wrong = sorted(set(self.steps) - by_step.keys())
-        if wrong:
+        if wrong := sorted(set(self.steps) - by_step.keys()):
             grid = ", ".join(map(str, list(by_step)[:3])) + (f", ..., {max(by_step)}" if len(by_step) > 3 else "")
             raise PlanError(f"--steps {' '.join(map(str, wrong))}: no such window; "
                             f"with {self.flags()} the windows are at {grid or 'no step'}")
@@ -123,21 +119,13 @@ def plan_strategies(windows: list[Window], sum_fits: bool) -> list[str]:
     next to make building the sum pay off), else "tensorwise" (k reads, one tensor in memory)."""
     strategies, held = [], ()
     for i, window in enumerate(windows):
-        k = len(window.members)
-        slides_now = bool(held) and moves(held, window.members) < k
+        slides_now = bool(held) and moves(held, window.members) < len(window.members)
         nxt = windows[i + 1].members if i + 1 < len(windows) else ()
         pays_later = bool(nxt) and moves(window.members, nxt) < len(nxt)
         sliding = sum_fits and (slides_now or pays_later)
         strategies.append("sliding" if sliding else "tensorwise")
         held = window.members if sliding else ()
     return strategies
-
-
-@dataclass
-class IOStats:
-    files_opened: int = 0
-    bytes_read: int = 0
-    reads_per_step: dict[int, int] = field(default_factory=dict)
 
 
 class SlidingSum:
@@ -150,8 +138,7 @@ class SlidingSum:
     def clear(self) -> None:
         self.sum: Tensors = {}
         self.members: set[int] = set()
-        self.names: list[str] = []  # tensor order of the checkpoints
-        self.dtypes: dict[str, torch.dtype] = {}
+        self.dtypes: dict[str, torch.dtype] = {}  # in the checkpoints' tensor order
         self.exact: Tensors = {}  # tensors that are not floating point: the newest member's
         self._mean: Tensors = {}  # output buffers, reused from window to window
 
@@ -162,14 +149,11 @@ class SlidingSum:
             t = w.get(name).to(self.device)
             if keep is not None:
                 keep[name] = t
-            if name not in self.dtypes:
-                self.names.append(name)
-                self.dtypes[name] = t.dtype
-            if not t.is_floating_point():
-                if newest:
-                    self.exact[name] = t
-            else:
+            self.dtypes.setdefault(name, t.dtype)
+            if t.is_floating_point():
                 self.sum[name] = fold(self.sum.get(name), t, sign)
+            elif newest:
+                self.exact[name] = t
         (self.members.add if sign > 0 else self.members.discard)(step)
 
     def move_to(self, members: tuple[int, ...], newest: Tensors | None = None) -> None:
@@ -193,7 +177,7 @@ class SlidingSum:
             if k not in self._mean:
                 self._mean[k] = torch.empty_like(v, dtype=self.dtypes[k])
             finish(v, len(self.members), out=self._mean[k])
-        return {k: self._mean[k] if k in self._mean else self.exact[k] for k in self.names}
+        return {k: self._mean[k] if k in self._mean else self.exact[k] for k in self.dtypes}
 
 
 def tensorwise_mean(members: list[Weights], device: torch.device | str = "cpu",
@@ -232,17 +216,22 @@ def available_memory(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def opener(paths: dict[int, Path], hf_names: bool, stats: IOStats) -> Callable[[int], Weights]:
-    """Opens the checkpoint of a step, counting the files and bytes in ``stats``."""
+@dataclass
+class CountingOpener:
+    """Opens the checkpoint of a step, counting the files opened and the bytes read."""
 
-    def open_step(step: int) -> Weights:
-        w = Weights(paths[step], hf_names=hf_names)
-        stats.files_opened += 1
-        stats.bytes_read += w.nbytes
-        stats.reads_per_step[step] = stats.reads_per_step.get(step, 0) + 1
+    paths: dict[int, Path]
+    hf_names: bool
+    files_opened: int = 0
+    bytes_read: int = 0
+    reads_per_step: dict[int, int] = field(default_factory=dict)
+
+    def __call__(self, step: int) -> Weights:
+        w = Weights(self.paths[step], hf_names=self.hf_names)
+        self.files_opened += 1
+        self.bytes_read += w.nbytes
+        self.reads_per_step[step] = self.reads_per_step.get(step, 0) + 1
         return w
-
-    return open_step
 
 
 class Merger:
@@ -260,8 +249,7 @@ class Merger:
         self.paths, self.device, self.hf_names = paths, torch.device(device), hf_names
         self.memory_budget, self.weights = memory_budget, weights
         merge_weights(weights, 1)  # a bad name fails here, naming the choices
-        self.stats = IOStats()
-        self.open = opener(paths, hf_names, self.stats)
+        self.open = self.stats = CountingOpener(paths, hf_names)  # opens checkpoints; counts the reads
         # the sum holds the opener, not the Merger: no reference cycle, so a Merger's float64
         # sum is freed as soon as the Merger is dropped, not at the next garbage collection
         self.sliding = SlidingSum(self.open, self.device)
@@ -310,13 +298,12 @@ class Merger:
             yield window, "average", average
 
 
-def stream_averages(
-    windows: list[Window], merger: Merger, with_raw: bool = True, progress: Callable[[Iterable], Iterable] = iter
-) -> Iterator[tuple[Window, Tensors, Tensors | None]]:
+def stream_averages(windows: list[Window], merger: Merger,
+                    with_raw: bool = True) -> Iterator[tuple[Window, Tensors, Tensors | None]]:
     """(window, average, newest checkpoint) as dicts, for models small enough to hold whole.
     The average may live in buffers the next window reuses: copy it to keep it."""
     raw = None
-    for window, role, tensors in merger.models(windows, newest=with_raw, progress=progress):
+    for window, role, tensors in merger.models(windows, newest=with_raw):
         if role == "newest":
             raw = dict(tensors)
         else:
@@ -324,10 +311,9 @@ def stream_averages(
 
 
 def score_models(models: Iterable[Model], load: Callable[[TensorStream, str], None], evaluate: Evaluation,
-                 kinds: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+                 kinds: dict[str, str]) -> Iterator[dict[str, Any]]:
     """Load each model (``load(tensors, origin)``) and yield the evaluation's records, each
     with the step, the kind (the role renamed by ``kinds``) and the members it averages."""
-    kinds = kinds or {}
     for window, role, tensors in models:
         kind = kinds.get(role, role)
         load(tensors, f"{kind} at step {window.step}")

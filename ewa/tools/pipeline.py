@@ -94,14 +94,13 @@ def branch_steps(cfg: TrainConfig, fractions: list[float]) -> list[int]:
 
 def with_matched_ema(cfg: TrainConfig, k: int, nu: int) -> str:
     """``ema_decays`` plus the decay of the same mean age as the (k, nu) window, unless kept."""
-    decay = float(f"{report.horizon_matched_decay(k, nu, cfg.lawa_weights):g}")
-    if decay in cfg.emas().values():
-        return cfg.ema_decays
-    return ",".join(d for d in (cfg.ema_decays, f"{decay:g}") if d)
+    decay = f"{report.horizon_matched_decay(k, nu, cfg.lawa_weights):g}"
+    kept = float(decay) in cfg.emas().values()
+    return cfg.ema_decays if kept else ",".join(d for d in (cfg.ema_decays, decay) if d)
 
 
 def original_config(s: Settings) -> TrainConfig:
-    cfg = load_config(ROOT / s.config if not Path(s.config).is_absolute() else s.config, s.overrides)
+    cfg = load_config(ROOT / s.config, s.overrides)  # relative to the repository; an absolute path stays as given
     # online LAWA and the horizon-matched EMA with the first (k, nu); every eval step keeps a
     # resume checkpoint to branch from
     k, nu = s.lawa[0]
@@ -121,7 +120,8 @@ def wsd_stage(stages: Stages, s: Settings, cfg: TrainConfig) -> str:
     for weights in ("uniform", "1-sqrt"):
         lawa_stage(stages, run_dir, constant, k, nu, weights)
     for t in branch_steps(constant, s.wsd_at):
-        train_stage(stages, f"wsd-cooldown-{t}", cooldown_config(constant, run_dir, t, span, nu), source=constant.to_dict())
+        cooldown = cooldown_config(constant, run_dir, t, span, nu)
+        train_stage(stages, f"wsd-cooldown-{t}", cooldown, source=constant.to_dict())
     run = report.load_run(run_dir)
     for folder in (run_dir, Path(s.assets)):
         report.plot_wsd(run, folder / "wsd.png")
@@ -151,10 +151,12 @@ def run_pipeline(s: Settings) -> str:
     cfg = original_config(s)
     prepare_data(cfg)
     n = 4 + bool(s.cooldown_at) + s.lr_compare + s.wsd
-    _say(f"[1/{n}] original run: {cfg.n_layer} layers x {cfg.n_embd} wide, lr {cfg.learning_rate:g}, {cfg.max_steps} steps")
+    _say(f"[1/{n}] original run: {cfg.n_layer} layers x {cfg.n_embd} wide, lr {cfg.learning_rate:g}, "
+         f"{cfg.max_steps} steps")
     run_dir = train_stage(stages, "original", cfg)
     _say(f"[2/{n}] SWA from step {cfg.swa_start_step()} ({cfg.swa_start:.0%} of training)")
-    swa = cfg.replace(swa=True, init_from=str(run_dir), out_dir=f"{run_dir}-swa", lawa_online=False, wandb_run_name="swa")
+    swa = cfg.replace(swa=True, init_from=str(run_dir), out_dir=f"{run_dir}-swa", lawa_online=False,
+                      wandb_run_name="swa")
     train_stage(stages, "swa", swa, source=cfg.to_dict())
     _say(f"[3/{n}] offline LAWA over {run_dir}/snapshots/raw: " + ", ".join(f"k={k} nu={nu}" for k, nu in s.lawa))
     for k, nu in s.lawa:

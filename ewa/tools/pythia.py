@@ -124,26 +124,22 @@ def open_checked(model: str, plan: WindowPlan, cache_dir: str | None = None,
     return revisions, merger
 
 
-def save_window(out_dir: Path, revisions: Revisions, plan: WindowPlan) -> Callable[[Window, TensorStream], Path]:
-    """The writer of ``out_dir/step<t>``, which keeps the average an earlier run left there for
-    the same window and refuses to overwrite another."""
-
-    def save(window: Window, average: TensorStream) -> Path:
-        out = out_dir / f"step{window.step}"
-        info = {"step": window.step, "members": list(window.members), "k": plan.k, "nu": plan.nu,
-                "source": revisions.name}
-        if not out.exists():
-            return hf.save_hf_average(out, average, revisions.paths[window.step], info)
-        try:
-            done = json.loads((out / "lawa.json").read_text())
-        except (OSError, ValueError):
-            done = {}
-        if done.get("members") == info["members"] and done.get("source") == revisions.name:
-            return out
-        raise CheckpointError(f"{out}: exists and is not this window's average of {revisions.name} "
-                              f"(steps {info['members']}); remove it or pick another output folder")
-
-    return save
+def save_window(out_dir: Path, revisions: Revisions, plan: WindowPlan, window: Window, average: TensorStream) -> Path:
+    """The window's average as ``out_dir/step<t>`` (``Merger.models``'s ``save``, with the first three
+    bound); keeps the average an earlier run left there for the same window, refuses to overwrite another."""
+    out = out_dir / f"step{window.step}"
+    info = {"step": window.step, "members": list(window.members), "k": plan.k, "nu": plan.nu,
+            "source": revisions.name}
+    if not out.exists():
+        return hf.save_hf_average(out, average, revisions.paths[window.step], info)
+    try:
+        done = json.loads((out / "lawa.json").read_text())
+    except (OSError, ValueError):
+        done = {}
+    if done.get("members") == info["members"] and done.get("source") == revisions.name:
+        return out
+    raise CheckpointError(f"{out}: exists and is not this window's average of {revisions.name} "
+                          f"(steps {info['members']}); remove it or pick another output folder")
 
 
 @dataclass(frozen=True)
@@ -155,15 +151,8 @@ class Saving:
     target: float
     original_step: int  # first step at which the original reaches the target
     lawa_step: int | None  # first step at which LAWA does; None: not by the final step
-    hours_per_step: float
-
-    @property
-    def steps_saved(self) -> int | None:
-        return None if self.lawa_step is None else self.original_step - self.lawa_step
-
-    @property
-    def gpu_hours_saved(self) -> float | None:
-        return None if self.steps_saved is None else self.steps_saved * self.hours_per_step
+    steps_saved: int | None  # None where LAWA does not reach the target
+    gpu_hours_saved: float | None
 
 
 def first_step_at_or_below(trajectory: dict[int, float], target: float, until: int) -> int | None:
@@ -184,7 +173,9 @@ def saving(original: dict[int, float], lawa: dict[int, float], tolerance: float 
     target = original[final_step] + tolerance
     original_step = first_step_at_or_below(original, target, final_step)
     assert original_step is not None  # final_step itself reaches the target
-    return Saving(tolerance, target, original_step, first_step_at_or_below(lawa, target, final_step), hours_per_step)
+    lawa_step = first_step_at_or_below(lawa, target, final_step)
+    saved = None if lawa_step is None else original_step - lawa_step
+    return Saving(tolerance, target, original_step, lawa_step, saved, None if saved is None else saved * hours_per_step)
 
 
 def gpu_hours_per_step(model: str, path: Path = GPU_HOURS_FILE) -> float:
@@ -202,12 +193,10 @@ def trajectories(records: list[dict], file: str | None,
                  metric: str) -> tuple[str, str, dict[int, float], dict[int, float]]:
     """(model, file, original, LAWA) perplexity by step from a ``perplexity`` run's records."""
     rows = [r for r in records if r.get("kind") in ("original", "lawa")]
-    files = sorted({r["file"] for r in rows})
-    if file is not None:
-        files = [f for f in files if file in (f, Path(f).name)]
+    scored = sorted({r["file"] for r in rows})
+    files = [f for f in scored if file in (None, f, Path(f).name)]
     if len(files) != 1:
-        scored = sorted({r["file"] for r in rows}) or "none (no records)"
-        raise InputError(f"--file: pick one held-out file of {scored}")
+        raise InputError(f"--file: pick one held-out file of {scored or 'none (no records)'}")
     rows = [r for r in rows if r["file"] == files[0]]
     pick = {kind: {r["step"]: r[metric] for r in rows if r["kind"] == kind} for kind in ("original", "lawa")}
     if not pick["original"] or not pick["lawa"]:
@@ -216,7 +205,7 @@ def trajectories(records: list[dict], file: str | None,
 
 
 def savings_table(rows: list[Saving]) -> str:
-    lines = [" | ".join(["tolerance", "   target", "original at", " LAWA at", "steps saved", "GPU hours saved"])]
+    lines = ["tolerance |    target | original at |  LAWA at | steps saved | GPU hours saved"]
     for s in rows:
         lawa_at = "never" if s.lawa_step is None else s.lawa_step
         saved = "-" if s.steps_saved is None else s.steps_saved
@@ -231,8 +220,7 @@ def plot_savings(curves: dict[str, list[Saving]], path: Path) -> None:
     fig = Figure(figsize=(5.5, 3.8))
     ax = fig.subplots()
     for name, savings in curves.items():
-        points = [(s.tolerance, s.gpu_hours_saved) for s in savings if s.gpu_hours_saved is not None]
-        if points:
+        if points := [(s.tolerance, s.gpu_hours_saved) for s in savings if s.gpu_hours_saved is not None]:
             ax.plot(*zip(*points), marker="o", label=name)
     ax.set_xlabel("tolerated increase over the original's final perplexity")
     ax.set_ylabel("A100 GPU hours saved by LAWA")
@@ -267,7 +255,7 @@ def score_revisions(model: str, plan: WindowPlan, cache_dir: str | None, scoring
     first = revisions.paths[revisions.complete_windows[0].step]
     hf_model, tokenizer = hf.load_pretrained(first, device, scoring.dtype)
     evaluate: Evaluation = evaluation(hf_model, tokenizer)
-    save = save_window(Path(scoring.save_dir), revisions, plan) if scoring.save_dir else None
+    save = partial(save_window, Path(scoring.save_dir), revisions, plan) if scoring.save_dir else None
     bar = partial(tqdm, desc="windows", unit="window")
     models = merger.models(revisions.complete_windows, save=save, progress=bar)
     out = results_path(scoring.out, model, f"{name}.jsonl")
@@ -293,10 +281,9 @@ def download_revisions(model: str, plan: WindowPlan, cache_dir: str | None = Non
 def write_averages(model: str, plan: WindowPlan, out_dir: str, cache_dir: str | None = None) -> None:
     """Each complete window's LAWA average as a Hugging Face directory ``out_dir/step<t>``."""
     revisions, merger = open_checked(model, plan, cache_dir)
-    save = save_window(Path(out_dir), revisions, plan)
     bar = partial(tqdm, desc="LAWA windows", unit="window")
     for window, _, average in merger.models(revisions.complete_windows, newest=False, progress=bar):
-        save(window, average)
+        save_window(Path(out_dir), revisions, plan, window, average)
     print(f"the averages of {len(revisions.complete_windows)} windows are in {out_dir}/step<N>")
 
 

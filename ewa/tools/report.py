@@ -126,13 +126,11 @@ def load_run(run_dir: str | Path) -> RunCurves:
     own = eval_curves(run_dir / "metrics.jsonl")
     decays = {_ema_name(name): d for name, d in cfg.emas().items() if name in own}
     curves = {"Original": own.get("raw", {}), **{_ema_name(name): own[name] for name in cfg.emas() if name in own}}
-    swa = eval_curves(run_dir.with_name(run_dir.name + "-swa") / "metrics.jsonl").get("swa")
-    if swa:
+    if swa := eval_curves(run_dir.with_name(run_dir.name + "-swa") / "metrics.jsonl").get("swa"):
         curves["SWA"] = swa
     for path in sorted(run_dir.glob("lawa_k*_nu*.jsonl"), key=_lawa_order):
         k, nu, weights = _lawa_order(path)
-        curve = {r["step"]: r["lawa"] for r in read_metrics(path) if r.get("kind") == "lawa"}
-        if curve:
+        if curve := {r["step"]: r["lawa"] for r in read_metrics(path) if r.get("kind") == "lawa"}:
             curves[f"LAWA k={k} nu={nu}" + (f" {weights}" if weights else "")] = curve
     weights = "" if cfg.lawa_weights == "uniform" else " " + cfg.lawa_weights.replace(":", "")
     online = f"LAWA k={cfg.lawa_k} nu={cfg.lawa_nu}{weights}"
@@ -168,20 +166,12 @@ def _cooldowns(run_dir: Path) -> dict[int, dict]:
     return dict(sorted(found.items()))
 
 
-def nearest_step(curve: Curve, target: float) -> int | None:
-    return min(curve, key=lambda s: (abs(s - target), -s)) if curve else None
-
-
 def gains_at_fractions(original: Curve, lawa: Curve, max_steps: int) -> list[dict]:
     """Original minus LAWA val loss at the eval steps nearest 25/50/75/100% of training."""
     common = {s: original[s] - lawa[s] for s in original.keys() & lawa.keys()}
-    rows = []
-    for f in FRACTIONS:
-        step = nearest_step(common, f * max_steps)
-        if step is not None:
-            rows.append({"fraction": f, "step": step, "original": original[step], "lawa": lawa[step],
-                         "gain": common[step]})
-    return rows
+    nearest = {f: min(common, key=lambda s: (abs(s - f * max_steps), -s)) for f in FRACTIONS} if common else {}
+    return [{"fraction": f, "step": s, "original": original[s], "lawa": lawa[s], "gain": common[s]}
+            for f, s in nearest.items()]
 
 
 def interpolated_step_reaching(curve: Curve, target: float) -> float | None:
@@ -209,7 +199,7 @@ def curves_table(run: RunCurves) -> str:
     """Every curve's val loss at every eval step, the best of each step in bold."""
     names = list(run.curves)
     rows = []
-    for s in sorted(set().union(*(c.keys() for c in run.curves.values()))):
+    for s in sorted(set().union(*run.curves.values())):
         best = min((run.curves[n][s], n) for n in names if s in run.curves[n])[1]
         cells = [f"{run.curves[n][s]:.4f}" if s in run.curves[n] else "" for n in names]
         rows.append([str(s)] + [f"**{c}**" if n == best and c else c for c, n in zip(cells, names)])
@@ -294,17 +284,15 @@ def _reached(curve: Curve, loss: float) -> str:
 def render(run: RunCurves, extra: str = "") -> str:
     parts = [
         f"# Report: {run.run_dir}",
-        f"Validation loss on the run's fixed held-out tokens ({run.max_steps} steps of "
-        f"{run.tokens_per_step:,} tokens; the best value of each row in bold).",
+        (f"Validation loss on the run's fixed held-out tokens ({run.max_steps} steps of "
+         f"{run.tokens_per_step:,} tokens; the best value of each row in bold)."),
         curves_table(run),
         "## Summary",
         summary(run) or "No LAWA curve found (run lawa.py on this run, or train with lawa_online=True).",
     ]
-    horizon = horizon_table(run)
-    if horizon:
+    if horizon := horizon_table(run):
         parts += ["## LAWA against EMA at the paper's decay and at a matched horizon", horizon]
-    cooldown = cooldown_table(run)
-    if cooldown:
+    if cooldown := cooldown_table(run):
         parts += ["## LAWA vs an LR cooldown from the same checkpoint", cooldown]
     if extra:
         parts.append(extra)
@@ -340,16 +328,6 @@ def _plot(series: dict[str, Curve], path: Path, title: str, tokens_per_step: int
         ax.grid(alpha=0.3)
     fig.tight_layout()
     save_png(fig, path)
-
-
-def plot_ema_swa(run: RunCurves, path: Path) -> None:
-    keep = {n: run.curves[n] for n in ("Original", *run.ema_names(), "SWA") if n in run.curves}
-    _plot(keep, path, "Original vs EMA vs SWA", run.tokens_per_step)
-
-
-def plot_lawa(run: RunCurves, path: Path) -> None:
-    keep = {"Original": run.curves["Original"], **{n: run.curves[n] for n in run.lawa_names()}}
-    _plot(keep, path, "Original vs LAWA", run.tokens_per_step)
 
 
 def plot_wsd(run: RunCurves, path: Path) -> None:
@@ -415,8 +393,10 @@ def write_report(run_dir: str | Path, assets: str | Path | None = None, extra: s
     run = load_run(run_dir)
     text = render(run, extra)
     atomic_write_text(run.run_dir / "report.md", text)
+    ema_swa = {n: run.curves[n] for n in ("Original", *run.ema_names(), "SWA") if n in run.curves}
+    lawa = {"Original": run.curves["Original"], **{n: run.curves[n] for n in run.lawa_names()}}
     for folder in [run.run_dir] + ([Path(assets)] if assets else []):
-        plot_ema_swa(run, Path(folder) / "ema_swa.png")
-        plot_lawa(run, Path(folder) / "lawa.png")
+        _plot(ema_swa, folder / "ema_swa.png", "Original vs EMA vs SWA", run.tokens_per_step)
+        _plot(lawa, folder / "lawa.png", "Original vs LAWA", run.tokens_per_step)
     return text
 
