@@ -189,11 +189,6 @@ def build_averagers(
     return averagers
 
 
-def one_thread_pieces(numel: int) -> Shares:
-    """``numel`` elements cut into pieces that torch's CPU ops process on the calling thread alone."""
-    return Shares(tuple(torch.Size([min(ONE_THREAD, numel - a)]) for a in range(0, numel, ONE_THREAD)))
-
-
 class Averaging:
     """Every averager of a run, over this rank's share of the live parameters."""
 
@@ -209,7 +204,8 @@ class Averaging:
         if self.lane is not None:  # the share is copied into `staging`; the updates read it as `host_share`
             staging = layout.shares.alloc(params[0].device, pin=params[0].is_cuda)
             self.staging = layout.shares.split(staging)
-            shares = one_thread_pieces(layout.shares.numel)
+            n = layout.shares.numel  # in pieces that torch's CPU ops process on the calling thread alone
+            shares = Shares(tuple(torch.Size([min(ONE_THREAD, n - a)]) for a in range(0, n, ONE_THREAD)))
             self.host_share = shares.split(staging)
             torch._foreach_copy_(self.staging, self.share)
         self.averagers = build_averagers(cfg, shares, self.updated_share(), params[0].device, staging)

@@ -136,18 +136,18 @@ class Checkpointer:
         """Start writing the resume checkpoint of ``step``: every component's state."""
         self.background.wait("resume")  # one write in flight: the buffers are free again
         state = {name: component.state_dict() for name, component in self.states.items()}
-        paths = {".".join(p): p for p, t in leaves(state) if isinstance(t, torch.Tensor)}
-        mine = written_by({key: get(state, p) for key, p in paths.items()}, self.rt.rank, self.rt.world_size)
+        tensors = {".".join(p): t for p, t in leaves(state) if isinstance(t, torch.Tensor)}  # <component>.<...>
+        mine = written_by(tensors, self.rt.rank, self.rt.world_size)
         staged = {key: self.resume_buffers.like(key, local(t)) for key, t in mine.items()}
         done = []
         for name, component in self.states.items():
-            keys = [k for k in mine if paths[k][0] == name]
-            if keys:
+            if keys := [k for k in mine if k.partition(".")[0] == name]:
                 src = [local(mine[k]) for k in keys]
                 done.append(self._copy([staged[k] for k in keys], src, getattr(component, "lane", None)))
-        nested: dict[str, dict] = {}  # by component (DCP names each tensor <component>.<rest>: its key)
+        nested: dict[str, dict] = {}  # by component: DCP names each tensor <component>.<rest>, its key
         for key, t in mine.items():
-            nested.setdefault(paths[key][0], {})[key.partition(".")[2]] = like(staged[key], t)
+            head, _, rest = key.partition(".")
+            nested.setdefault(head, {})[rest] = like(staged[key], t)
         self.background.submit("resume", self._write_resume, step, nested, without_tensors(state), done)
 
     def _write_resume(self, step: int, state: dict, values: dict, done: list[Done]) -> None:
@@ -250,12 +250,6 @@ def leaves(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str
             yield from leaves(value, (*prefix, key))
         else:
             yield (*prefix, key), value
-
-
-def get(tree: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def without_tensors(tree: dict) -> dict:

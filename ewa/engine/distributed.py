@@ -108,7 +108,7 @@ def exit_after_error(e: BaseException, rank: int | None, store: dist.Store | Non
         report = rank in (None, 0)
     else:
         peer = isinstance(e, dist.DistNetworkError) or any(s in str(e) for s in PEER_DIED)
-        report = not peer and first_error(store)
+        report = not peer and first_error(store)  # one `add` on the attempt's store decides
     if report:
         if not named:
             from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
@@ -123,11 +123,10 @@ def exit_after_error(e: BaseException, rank: int | None, store: dist.Store | Non
 
 
 def first_error(store: dist.Store | None) -> bool:
-    """Whether this rank is the first of the attempt to report an error."""
-    if store is None:
-        return True
+    """Whether this rank is the first of the attempt to report an error (yes without a store,
+    or when it is gone with its host)."""
     try:
         store.set_timeout(datetime.timedelta(seconds=5))
         return store.add("errors", 1) == 1
-    except Exception:  # the store is gone with its host: say it anyway
+    except Exception:
         return True

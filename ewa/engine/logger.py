@@ -162,9 +162,6 @@ class TrainLog:
     def open(self, metrics: MetricsLogger) -> None:
         self.metrics = metrics
 
-    def log(self, record: dict[str, Any], line: str) -> None:
-        self.metrics.log(record, line)
-
     def add(self, step: int, loss: torch.Tensor) -> None:
         """The mean loss of ``step`` (on the device)."""
         self.pending.append((step, loss))

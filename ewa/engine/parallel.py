@@ -26,7 +26,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 if TYPE_CHECKING:
     from ewa.engine.runtime import Runtime
@@ -48,9 +51,6 @@ class Wrapped:
     def accumulating(self, more_to_come: bool) -> contextlib.AbstractContextManager:
         """Gradients are synchronised (DDP's all-reduce, FSDP2's reduce-scatter) on the last
         micro-step of a step only."""
-        from torch.distributed.fsdp import FSDPModule
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         if isinstance(self.train, FSDPModule):
             self.train.set_requires_gradient_sync(not more_to_come)
         elif isinstance(self.train, DDP) and more_to_come:
@@ -67,8 +67,6 @@ def wrap(model: nn.Module, parallel: str, compile: bool, rt: Runtime) -> Wrapped
     parameters becoming DTensors; the output layer and loss compiled on their own. On CUDA the
     blocks compute in bf16 (``rt.dtype``) with fp32 master weights and fp32 gradient reduction."""
     if parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         half = rt.device_type == "cuda" and rt.dtype != torch.float32
         policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
         blocks = model.transformer.h
@@ -85,8 +83,6 @@ def wrap(model: nn.Module, parallel: str, compile: bool, rt: Runtime) -> Wrapped
     compiled = torch.compile(model, dynamic=False) if compile else model
     if rt.world_size == 1:  # DDP of one process only splits the compiled graph and adds collectives
         return Wrapped(compiled, compiled, rt.autocast)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [rt.device.index] if rt.device_type == "cuda" else None
     with warnings.catch_warnings():  # torch 2.13 renames the setting; the GPU machines' 2.11 knows this name only
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
@@ -254,8 +250,6 @@ class ShardLayout(Layout):
 
 def layout_of(names: list[str], params: list[torch.Tensor], model: nn.Module, rt: Runtime) -> Layout:
     if isinstance(params[0], DTensor):
-        from torch.distributed.fsdp import FSDPModule
-
         return ShardLayout(names, params, [m for m in model.modules() if isinstance(m, FSDPModule)])
     return FlatLayout(names, [p.shape for p in params], rt.world_size, rt.rank)
 
@@ -283,6 +277,4 @@ def like(local: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def world_mesh(device_type: str):
     """A 1-D device mesh over every rank, for checkpoint entries held on that type of device."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     return init_device_mesh(device_type, (dist.get_world_size(),))

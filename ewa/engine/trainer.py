@@ -237,7 +237,7 @@ class Trainer:
             metrics = MetricsLogger(self.run_dir / "metrics.jsonl", run)
             metrics.truncate_after(-1 if self.fresh else self.step)  # records past the checkpoint resumed from
             self.log.open(metrics)
-            self.log.log(*self.start_record())
+            self.log.metrics.log(*self.start_record())
         rt.barrier()  # stale temporaries are gone before any rank writes
         self.signal.install()
 
