@@ -514,3 +514,19 @@ def test_a_host_staging_copy_is_made_off_the_training_thread(monkeypatch):
     bg.wait_for(done)
     assert torch.equal(staged, torch.arange(1000, dtype=torch.float32))
     background.close()
+
+
+def test_one_process_trains_the_model_itself_not_ddp():
+    """A process group of one (torchrun --nproc_per_node=1): DDP would only split the compiled
+    graph at its buckets and add collectives, so the model is trained as it is."""
+    from ewa.engine.parallel import wrap
+    from ewa.engine.runtime import init_runtime, shutdown
+    from model import GPT, GPTConfig
+
+    rt = init_runtime("cpu", "float32", group=True)
+    try:
+        model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+        wrapped = wrap(model, "ddp", False, rt)
+        assert torch.distributed.is_initialized() and wrapped.train is model and wrapped.eval is model
+    finally:
+        shutdown(rt)
