@@ -88,7 +88,7 @@ class TrainConfig:
     lawa_interval: int = 1000  # ... at every interval steps (offline lawa.py) ...
     lawa_start: int = 0  # ... from this step on
     lawa_online: bool = False  # also evaluate LAWA during training from in-memory snapshots
-    lawa_weights: str = "uniform"  # online LAWA's merge: uniform | 1-sqrt | cosine | ema:<a> (see ewa/merge.py)
+    lawa_weights: str = "uniform"  # online LAWA's merge: uniform | 1-sqrt | cosine | ema:<a> (see ewa/window.py)
     swa: bool = False  # set by train_swa.py
     swa_start: float = 0.75  # fraction of max_steps at which SWA starts
     swa_lr: float = 6e-4  # SWA learning rate, reached by cosine annealing ...
